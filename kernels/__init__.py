@@ -1,0 +1,1 @@
+"""Triton kernels of lacy-fast, installed as ``lacy_fast.kernels``."""

