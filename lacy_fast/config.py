@@ -226,6 +226,8 @@ class TrainConfig(Config):
     lr: float = doc(6e-4, "peak learning rate (AdamW)")
     min_lr_ratio: float = doc(0.1, "final learning rate of the cosine decay, as a share of lr")
     warmup_steps: int = doc(100, "linear warmup steps")
+    lr_decay_steps: int = doc(0, "length of warmup + cosine decay in steps (0: max_steps); fix it to resume "
+                                 "into a longer run on the same schedule")
     weight_decay: float = doc(0.1, "AdamW weight decay (matrices only)")
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.95, "AdamW beta2")
@@ -240,7 +242,8 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         self._positive("max_steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "log_every", "keep_last")
-        self._non_negative("max_gt_tokens", "warmup_steps", "weight_decay", "grad_clip", "ckpt_every", "peak_tflops")
+        self._non_negative("max_gt_tokens", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
+                           "ckpt_every", "peak_tflops")
         self._fraction("min_lr_ratio")
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: FactScore, fact leakage, call statistics, perplexity, reports and plots."""

@@ -1,0 +1,90 @@
+"""Plots people would rather see than read: training curves of one or more runs.
+
+    lacy-fast plot runs/lacy runs/none [--out curves.png] [--smooth 20]
+
+draws, per run, the loss, the loss on ground-truth targets, the loss on <CALL> targets
+and the call rate against the step, from each run's ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from lacy_fast.errors import UserError
+from lacy_fast.fileio import atomic_path
+
+PANELS = [("loss", "loss"), ("loss_gt", "loss on ground-truth targets"), ("loss_call", "loss on <CALL> targets"),
+          ("call_rate", "call rate (share of targets)")]
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a training run's out_dir (it holds metrics.jsonl)")
+    rows = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):  # only a torn last line (a kill mid-write) is tolerated
+                raise UserError(f"{path}:{n} is not valid JSON; the metrics file is damaged")
+    if not rows:
+        raise UserError(f"{path} holds no steps yet; plot it after the run has logged")
+    return rows
+
+
+def smooth(values: list[float | None], window: int) -> list[float | None]:
+    """Trailing mean over ``window`` finite values (None stays None)."""
+    out, buf = [], []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        buf.append(v)
+        buf = buf[-window:]
+        out.append(sum(buf) / len(buf))
+    return out
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = 1) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, (key, title) in zip(axes.flat, PANELS):
+        for name, rows in runs.items():
+            steps = [r["step"] for r in rows if r.get(key) is not None]
+            values = smooth([r[key] for r in rows if r.get(key) is not None], window)
+            if steps:
+                ax.plot(steps, values, label=name, linewidth=1.4)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path, help="training out_dirs (or metrics.jsonl files)")
+    parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png of the first run)")
+    parser.add_argument("--smooth", type=int, default=1, help="trailing-mean window in steps")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.smooth < 1:
+        raise UserError(f"--smooth is {args.smooth}; it must be at least 1")
+    runs = {str(r): read_metrics(r) for r in args.runs}
+    out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / "curves.png"
+    plot_runs(runs, out, args.smooth)
+    print(out)
+    return 0

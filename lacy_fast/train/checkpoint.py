@@ -1,0 +1,130 @@
+"""Checkpoints for exact resume, written so that a kill never leaves a broken one.
+
+Layout under ``OUT/checkpoints``::
+
+    step_00000200/          a DeepSpeed checkpoint (model, optimizer, scheduler; ZeRO
+                            shards per rank) plus, ours:
+        rng_rank{r}.pt      each rank's RNG states (torch, CUDA, numpy, python)
+        lacy.json           step, token counts, data state, and the model / tokenizer
+                            identity checked on resume
+    latest                  the tag of the newest complete checkpoint
+
+Atomicity: every rank writes into the tag directory, then all ranks meet at a barrier, and
+only then does rank 0 replace ``latest`` (temporary file + rename). A checkpoint cut short
+by a kill is never pointed to; it is deleted when the run resumes. ``latest`` has the
+format DeepSpeed's own tools (zero_to_fp32.py) read.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lacy_fast.errors import UserError
+from lacy_fast.fileio import write_json, write_text
+
+TAG = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, out_dir: Path, keep_last: int, rank: int):
+        self.dir = out_dir / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def latest(self) -> str | None:
+        pointer = self.dir / "latest"
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        if not TAG.match(tag) or not (self.dir / tag / "lacy.json").is_file():
+            raise UserError(f"{pointer} names '{tag}', which is not a complete checkpoint; "
+                            f"delete {pointer} to start over or restore the checkpoint directory")
+        return tag
+
+    def identity(self, tag: str) -> dict[str, Any]:
+        return json.loads((self.dir / tag / "lacy.json").read_text())
+
+    def check_compatible(self, tag: str, identity: dict[str, Any], out_dir: Path) -> None:
+        """Refuse to resume a checkpoint of another model shape or tokenizer."""
+        saved = self.identity(tag)
+        for key in ("model", "tokenizer_sha256", "call_id", "strategy"):
+            if saved.get(key) != identity.get(key):
+                what = {"model": "model shape", "tokenizer_sha256": "tokenizer", "call_id": "<CALL> id",
+                        "strategy": "objective.strategy"}[key]
+                raise UserError(f"{out_dir} holds a checkpoint with another {what} ({_diff(saved.get(key), identity.get(key))}); "
+                                "use a new out_dir, or the settings it was trained with")
+
+    def save(self, engine, step: int, state: dict[str, Any]) -> str:
+        """Collective: every rank calls it at the same step."""
+        tag = f"step_{step:08d}"
+        target = self.dir / tag
+        if self.rank == 0 and target.exists():  # a leftover of a run killed mid-save
+            shutil.rmtree(target)
+        _barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        torch.save(rng_state(), target / f"rng_rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            write_json(target / "lacy.json", {"step": step, **state})
+            write_text(self.dir / "latest", tag)
+            self._prune(keep=tag)
+        _barrier()
+        return tag
+
+    def load(self, engine, tag: str) -> dict[str, Any]:
+        path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"DeepSpeed could not load checkpoint {self.dir / tag}; it is damaged, "
+                            f"point {self.dir / 'latest'} at an older step or start a new out_dir")
+        rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # resumed on a different number of ranks: RNG streams cannot be restored exactly
+            torch.manual_seed(hash((tag, self.rank)) % (2**31))
+        return self.identity(tag)
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and TAG.match(p.name))
+        newest = int(TAG.match(keep).group(1))
+        complete = [t for t in tags if (self.dir / t / "lacy.json").is_file() and int(TAG.match(t).group(1)) <= newest]
+        for tag in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+        for tag in tags:  # incomplete leftovers of killed saves
+            if not (self.dir / tag / "lacy.json").is_file():
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+
+def _diff(saved: Any, now: Any) -> str:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys[:3])
+    return f"checkpoint {saved!r} vs now {now!r}"

@@ -1,0 +1,130 @@
+"""Training metrics: MFU, the per-step metrics.jsonl, TensorBoard when installed.
+
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s, with
+the model's FLOPs from ``GPT.estimate_flops_per_token`` (6N + 12LHQT per token, forward +
+backward) and the peak of the device's dense tensor-core throughput in the training
+precision, looked up below (or ``train.peak_tflops``). Recomputation and padding are not
+credited: it is model FLOPs, not hardware FLOPs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' data sheets: (bf16, fp32).
+# Matched by substring of torch.cuda.get_device_name, first match wins (more specific
+# names first). fp32 is the non-tensor-core rate: PyTorch does not use TF32 for matmuls
+# unless asked.
+PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
+    ("H100 PCIe", (756.0, 51.0)),
+    ("H100 NVL", (835.0, 60.0)),
+    ("H100", (989.4, 67.0)),  # SXM5; also GH200
+    ("H200", (989.4, 67.0)),
+    ("H800", (989.4, 67.0)),
+    ("B200", (2250.0, 80.0)),
+    ("A100", (312.0, 19.5)),
+    ("A800", (312.0, 19.5)),
+    ("L40S", (362.0, 91.6)),
+    ("L4", (121.0, 30.3)),
+    ("A10G", (70.0, 31.2)),
+    ("A10", (125.0, 31.2)),
+    ("RTX 4090", (165.2, 82.6)),
+    ("RTX 3090", (71.0, 35.6)),
+]
+
+
+def peak_tflops(device: torch.device, precision: str, configured: float = 0.0) -> float | None:
+    """Peak TFLOP/s of one device in ``precision`` ('bf16' | 'fp32'); None when unknown (CPU)."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, fp32) in PEAK_TFLOPS:
+        if key in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, world_size: int) -> float | None:
+    if peak is None or tokens_per_s <= 0:
+        return None
+    return flops_per_token * tokens_per_s / (peak * 1e12 * world_size)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA allocator peak, else the resident-set peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to ``metrics.jsonl`` (and TensorBoard scalars).
+
+    Only rank 0 writes. A resumed run first drops rows at or past the resume step (left by
+    the part of a killed run that was never checkpointed), so the file never holds a step
+    twice.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int, tensorboard: bool = True):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate(resume_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
+            except ImportError:  # tensorboard is an optional extra
+                self.tb = None
+
+    def _truncate(self, resume_step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill
+        from lacy_fast.fileio import write_text
+
+        write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if not self.enabled or not rows:
+            return
+        text = "".join(json.dumps(_finite(row)) + "\n" for row in rows)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+        if self.tb is not None:
+            for row in rows:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and value is not None:
+                        self.tb.add_scalar(f"train/{key}", value, row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf: write them as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

@@ -1,0 +1,59 @@
+"""The module DeepSpeed trains: the GPT and the fused LaCy loss on its tied head.
+
+It holds no distributed code either; the loop wraps it in a DeepSpeed engine. Under ZeRO-3
+the head weight is read here, outside the embedding's own forward, so the loop registers
+it as an external parameter of this module (DeepSpeed then gathers it for our forward and
+backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lacy_fast.config import ObjectiveConfig
+from lacy_fast.kernels import lacy_linear_cross_entropy
+from lacy_fast.model import GPT
+
+
+class LacyLM(nn.Module):
+    def __init__(self, model: GPT, objective: ObjectiveConfig, call_id: int):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.call_id = call_id
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor,
+                ref_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """idx, targets, flags: (B, T); ref_nll: (B, T) for strategy rho.
+
+        Returns the loss (mean over counted positions) and the op's per-position stats
+        (flattened to B*T): nll, is_call, p_call.
+        """
+        hidden = self.model(idx)  # (B, T, C)
+        o = self.objective
+        return lacy_linear_cross_entropy(
+            hidden.flatten(0, 1),  # (B*T, C)
+            self.model.head_weight,  # (V, C)
+            targets.flatten(),
+            flags.flatten(),
+            self.call_id,
+            strategy=o.strategy,
+            call_fraction=o.call_fraction,
+            ref_nll=None if ref_nll is None else ref_nll.flatten(),
+            ignore_index=o.ignore_index,
+            impl=o.impl,
+        )
+
+
+@torch.no_grad()
+def reference_nll(ref: GPT, idx: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor, call_id: int,
+                  ignore_index: int, impl: str) -> torch.Tensor:
+    """Per-position NLL of a frozen reference model (Rho-1's excess loss baseline), (B, T) fp32.
+
+    The same renormalised NLL as the trained model's (<CALL> excluded), so the excess loss
+    ``nll - ref_nll`` compares like with like; the op never materialises logits here either.
+    """
+    hidden = ref(idx)  # (B, T, C)
+    _, stats = lacy_linear_cross_entropy(hidden.flatten(0, 1), ref.head_weight, targets.flatten(), flags.flatten(),
+                                         call_id, strategy="none", ignore_index=ignore_index, impl=impl)
+    return stats["nll"].view_as(targets)
