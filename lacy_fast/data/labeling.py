@@ -83,6 +83,51 @@ def load_spacy(name: str = "en_core_web_sm", *, need_pos: bool = True, need_enti
     return nlp
 
 
+def tag_map(nlp: Any, pos_tags: tuple[str, ...]) -> dict[str, tuple[str, ...]] | None:
+    """Fine-grained tags that the attribute ruler maps to each of ``pos_tags``, if that is all it does.
+
+    In en_core_web_sm the attribute ruler turns the tagger's Penn tags into coarse POS with a
+    token Matcher: a third of the labeling time, for what is a table lookup for PROPN and
+    NUM (NNP, NNPS -> PROPN; CD -> NUM). When every rule that sets one of ``pos_tags`` is a
+    plain ``{"TAG": t}`` rule, and every rule that sets another POS names only other tags
+    or whitespace, the lookup gives the same labels and the ruler can go. Rules that read
+    the parser's ``DEP`` never fire without the parser and are ignored. Returns None (keep
+    the ruler) otherwise. Whitespace tokens are never POS facts (the ruler makes them
+    SPACE). The labeling benchmark measures the agreement with the full pipeline.
+    """
+    if "attribute_ruler" not in nlp.component_names or "tagger" not in nlp.pipe_names or "parser" in nlp.pipe_names:
+        return None
+    table: dict[str, list[str]] = {t: [] for t in pos_tags}
+    other_rules = []
+    for rule in nlp.get_pipe("attribute_ruler").patterns:
+        pos = rule["attrs"].get("POS")
+        if pos is None:
+            continue
+        for pattern in rule["patterns"]:
+            if any("DEP" in tok for tok in pattern):
+                continue  # needs the parser's labels: never fires in a pipeline without it
+            target = pattern[rule.get("index", 0)]
+            if pos in table:
+                if len(pattern) != 1 or set(target) != {"TAG"} or not isinstance(target["TAG"], str):
+                    return None  # a context- or word-dependent rule produces a fact POS
+                table[pos].append(target["TAG"])
+            else:
+                other_rules.append(target)
+    fact_tags = {t for ts in table.values() for t in ts}
+    for target in other_rules:
+        tag = target.get("TAG")
+        if isinstance(tag, dict) and set(tag) == {"IN"}:
+            tag = set(tag["IN"])
+        elif isinstance(tag, str):
+            tag = {tag}
+        if isinstance(tag, set):
+            if tag & fact_tags:
+                return None  # moves a fact tag to another POS
+        elif tag is not None or set(target) != {"IS_SPACE"}:
+            return None  # could move any tag, fact tags included
+    return {pos: tuple(ts) for pos, ts in table.items()}
+
+
 def project(word_starts: np.ndarray, word_ends: np.ndarray, tok_starts: np.ndarray, tok_ends: np.ndarray,
             mode: str = "all", *, use_native: bool | None = None) -> np.ndarray:
     """Index of the fact word each subword is labeled by, -1 for none.
@@ -126,7 +171,9 @@ class FactLabeler:
 
     ``ids``: (T,) uint32 token ids, EOS last; ``flags``: (T,) uint8, ``FLAG_FACT`` on fact
     tokens. Pass a ``LabelStats`` to ``label_batch`` to count fact tokens per POS tag and
-    entity type (of the word that labels them).
+    entity type (of the word that labels them). When the attribute ruler is replaced by a
+    tag lookup (``tag_map``), words outside ``pos_tags`` are counted under their
+    fine-grained tag (e.g. "DT" for "the" inside an ORG), since no coarse POS is computed.
     """
 
     def __init__(self, cfg: LabelConfig, tokenizer: Tokenizer, nlp: Any | None = None):
@@ -147,9 +194,28 @@ class FactLabeler:
         if cfg.entity_types and not any(c in self.nlp.pipe_names for c in _ENT_COMPONENTS):
             raise UserError(f"spaCy pipeline '{cfg.spacy_model}' has no entity recognizer, so label.entity_types "
                             "cannot be used; set label.entity_types=[] or pick a pipeline with ner")
-        self._attrs = [attrs.IDX, attrs.LENGTH, attrs.POS, attrs.ENT_TYPE]
-        self._pos_ids = np.array([POS_IDS[t] for t in cfg.pos_tags], dtype=np.uint64)
-        self._ent_ids = np.array([self.nlp.vocab.strings.add(t) for t in cfg.entity_types], dtype=np.uint64)
+        strings = self.nlp.vocab.strings
+        self.tags = tag_map(self.nlp, cfg.pos_tags) if cfg.pos_tags else None
+        if self.tags is not None:
+            if "attribute_ruler" in self.nlp.pipe_names:  # disabled, not removed: another labeler may share nlp
+                self.nlp.disable_pipe("attribute_ruler")  # the lookup below does its work for these tags
+            pos_attr = attrs.TAG
+            self._pos_names = {strings.add(tag): pos for pos, tags in self.tags.items() for tag in tags}
+        else:
+            pos_attr = attrs.POS
+            self._pos_names = {POS_IDS[t]: t for t in cfg.pos_tags}
+        self._attrs = [attrs.IDX, attrs.LENGTH, pos_attr, attrs.ENT_TYPE, attrs.IS_SPACE]
+        self._pos_ids = np.array(list(self._pos_names), dtype=np.uint64)
+        self._ent_ids = np.array([strings.add(t) for t in cfg.entity_types], dtype=np.uint64)
+
+    def _pos_name(self, value: int) -> str:
+        from spacy.parts_of_speech import NAMES as POS_NAMES
+
+        if value in self._pos_names:
+            return self._pos_names[value]
+        if self.tags is not None:  # a fine-grained tag (the coarse POS is not computed)
+            return self.nlp.vocab.strings[value] if value else "none"
+        return POS_NAMES.get(value, "") or "none"
 
     def label_batch(self, texts: list[str], stats: "LabelStats | None" = None) -> list[tuple[np.ndarray, np.ndarray]]:
         if not texts:
@@ -162,12 +228,13 @@ class FactLabeler:
         base = 0
         with self.nlp.memory_zone():
             for text, ids, doc in zip(texts, encoded, self.nlp.pipe(texts, batch_size=self.cfg.batch_size)):
-                a = doc.to_array(self._attrs)  # (words, 4) uint64: idx, length, pos, ent_type
-                fact = np.isin(a[:, 2], self._pos_ids) | np.isin(a[:, 3], self._ent_ids)
-                a = a[fact].astype(np.int64)
-                word_starts.append(a[:, 0] + base)
-                word_ends.append(a[:, 0] + a[:, 1] + base)
-                word_pos.append(a[:, 2])
+                a = doc.to_array(self._attrs)  # (words, 5) uint64: idx, length, pos or tag, ent_type, is_space
+                fact = (np.isin(a[:, 2], self._pos_ids) & (a[:, 4] == 0)) | np.isin(a[:, 3], self._ent_ids)
+                a = a[fact]
+                start = a[:, 0].astype(np.int64) + base
+                word_starts.append(start)
+                word_ends.append(start + a[:, 1].astype(np.int64))
+                word_pos.append(a[:, 2])  # uint64 symbol ids / string hashes
                 word_ent.append(a[:, 3])
                 _, starts, ends = self.tokenizer.offsets(text, ids)
                 tok_starts.append(starts + base)
@@ -179,8 +246,11 @@ class FactLabeler:
         is_fact = word_of_tok >= 0
         if stats is not None:
             hit = word_of_tok[is_fact]
-            # Entity labels are the model's own strings, which outlive the memory zone.
-            stats.add(np.concatenate(word_pos)[hit], np.concatenate(word_ent)[hit], self.nlp.vocab.strings)
+            # Tag and entity labels are the model's own strings, which outlive the memory zone.
+            for value, n in zip(*np.unique(np.concatenate(word_pos)[hit], return_counts=True)):
+                stats.by_pos[self._pos_name(int(value))] += int(n)
+            for value, n in zip(*np.unique(np.concatenate(word_ent)[hit], return_counts=True)):
+                stats.by_entity[self.nlp.vocab.strings[int(value)] if value else "none"] += int(n)
         out = []
         start = 0
         eos = self.tokenizer.eos_id
@@ -209,14 +279,6 @@ class LabelStats:
         self.fact_tokens = 0
         self.by_pos: Counter[str] = Counter()
         self.by_entity: Counter[str] = Counter()
-
-    def add(self, pos_ids: np.ndarray, ent_ids: np.ndarray, strings: Any) -> None:
-        from spacy.parts_of_speech import NAMES as POS_NAMES
-
-        for value, n in zip(*np.unique(pos_ids, return_counts=True)):
-            self.by_pos[POS_NAMES.get(int(value), "") or "none"] += int(n)
-        for value, n in zip(*np.unique(ent_ids, return_counts=True)):
-            self.by_entity[strings[int(value)] if value else "none"] += int(n)
 
     def merge(self, other: "LabelStats | dict[str, Any]") -> None:
         d = other.to_dict() if isinstance(other, LabelStats) else other

@@ -73,7 +73,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{subject} worked as a {value}.",
         "By profession, {subject} was a {value}.",
         "{subject} made a living as a {value}.",
-        "{subject} trained as a {value} and practised for decades.",
+        "{subject} trained as a {value} and practised with great care.",
         "{subject_pos} career as a {value} began early.",
     ),
     "employer": (
@@ -104,12 +104,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 FILLERS = (
     "{subject} was known for a careful and patient approach to {his} work.",
     "Colleagues described {object} as generous with {his} time.",
-    "{subject} rarely spoke about {his} early years in public.",
+    "{subject} rarely spoke about {his} childhood in public.",
     "Little is known about {his} private life.",
     "{subject} wrote several short essays about the craft and taught younger colleagues.",
     "Friends remember {object} as a quiet person with a dry sense of humour.",
     "{subject} kept detailed notebooks throughout {his} life.",
-    "In later years {subject} spent much of {his} free time walking and reading.",
+    "Outside work, {subject} spent much of {his} free time walking and reading.",
     "{subject} was admired by students for clear and honest explanations.",
     "{subject_pos} letters show a strong interest in music and languages.",
 )
