@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from lacy_fast.config import LabelConfig, TokenizerConfig
+from lacy_fast.config import LabelConfig
 from lacy_fast.data import native
 from lacy_fast.data.labeling import (FLAG_FACT, FactLabeler, LabelStats, agreement, load_spacy, project,
                                      project_numpy)
 from lacy_fast.data.synth import generate
-from lacy_fast.data.tokenizer import Tokenizer
+from test_data_tokenizer import train_small
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native helpers not loaded: {native.load_error}")
 
@@ -84,8 +84,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    texts = [t for _, t, _ in generate(300, seed=3, heldout=0.0)]
-    return Tokenizer.train(texts, TokenizerConfig(vocab_size=400), tmp_path_factory.mktemp("tok") / "t.model")
+    return train_small(tmp_path_factory.mktemp("tok"), seed=3)
 
 
 @pytest.fixture(scope="module")

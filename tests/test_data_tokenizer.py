@@ -21,10 +21,15 @@ TRICKY = [
 ]
 
 
+def train_small(directory, seed: int) -> Tokenizer:
+    """A 400-piece tokenizer of 300 synthetic biographies (other data test files use it too)."""
+    texts = [t for _, t, _ in generate(300, seed=seed, heldout=0.0)]
+    return Tokenizer.train(texts, TokenizerConfig(vocab_size=400), directory / "t.model")
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    texts = [t for _, t, _ in generate(300, seed=1, heldout=0.0)]
-    return Tokenizer.train(texts, TokenizerConfig(vocab_size=400), tmp_path_factory.mktemp("tok") / "t.model")
+    return train_small(tmp_path_factory.mktemp("tok"), seed=1)
 
 
 def test_fixed_ids_and_call_never_matches_text(tok):
