@@ -80,7 +80,7 @@ def test_rerun_keeps_done_shards_and_refuses_other_settings(prepared, corpus):
     assert stats["resumed_shards"] == 3 and stats["documents"] == 150 and stats["tokens_this_run"] > 0
     after = {p.name: p.stat().st_mtime_ns for p in shard_paths(prepared)}
     assert all(after[n] == before[n] for n in before if n != "shard_00002.bin")
-    refused = prepare("--input", corpus / "corpus.jsonl", "--out", prepared, *SMALL, "label.subwords=first")
+    refused = prepare("--out", prepared, *SMALL, "--input", corpus / "corpus.jsonl", "label.subwords=first")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "other settings (label differs)" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in shard_paths(prepared)} == after

@@ -4,6 +4,13 @@
 When it is missing (no CMake or compiler at install time) or ``LACY_FAST_NO_NATIVE=1`` is
 set, ``available()`` is False and callers take their numpy path, which gives the same
 results bit for bit. ``load_error`` says why the library is not in use.
+
+What it buys (bench/bench_native.py, 2-core CPU, bench/results/native.jsonl): the label
+projection is 4.8x faster per 64-document batch (0.03 vs 0.15 ms) and 8.6x on a million
+tokens; the sample index 2.5-2.8x (107 vs 272 ms for 3M samples over 5M documents). Both
+are small next to spaCy (~200 ms per batch) and a one-off at training start, so the
+end-to-end gain is under 1%: the numpy path is not a bottleneck, and the library is kept
+optional for that reason.
 """
 from __future__ import annotations
 

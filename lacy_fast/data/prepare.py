@@ -76,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    cfg = load_config(PrepareConfig, args.config, args.overrides)
+    # `--input a.txt shard_docs=10`: argparse hands the override to --input; take it back.
+    inputs = list(args.input or [])
+    overrides = [i for i in inputs if "=" in i and not Path(i).exists()] + list(args.overrides)
+    args.input = [i for i in inputs if i not in overrides]
+    cfg = load_config(PrepareConfig, args.config, overrides)
     tok = cfg.tokenizer
     if args.vocab_size is not None:
         tok = dataclasses.replace(tok, vocab_size=args.vocab_size)
