@@ -2,8 +2,55 @@
 
 The Triton kernels live in the top-level folder ``kernels/`` but install as the subpackage
 ``lacy_fast.kernels``: the top-level name ``kernels`` belongs to another PyPI project.
+
+The native data helpers (``CMakeLists.txt``, ``lacy_fast/data/csrc``) are built by CMake
+through ``build_ext``, for ``pip install .`` and ``pip install -e .`` alike, into
+``lacy_fast/data/_lacy_native<suffix>`` (a plain shared library that ctypes loads). They
+are optional: with ``LACY_FAST_NO_NATIVE=1``, or without CMake or a C++ compiler, the build
+warns and skips them, and the numpy fallback gives the same results.
 """
-from setuptools import find_packages, setup
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeBuild(build_ext):
+    """Builds the CMake project and copies its library to where the extension would go."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if os.environ.get("LACY_FAST_NO_NATIVE") == "1":
+            print("lacy-fast: LACY_FAST_NO_NATIVE=1, skipping the native data helpers", file=sys.stderr)
+            return
+        cmake = shutil.which("cmake")
+        compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        if not cmake or not compiler:
+            self.warn("lacy-fast: CMake or a C++ compiler is missing; the native data helpers are not built "
+                      "and the numpy fallback is used")
+            return
+        target = self.get_ext_fullpath(ext.name)
+        with tempfile.TemporaryDirectory() as build_dir:
+            try:
+                subprocess.run([cmake, "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release"],
+                               check=True, stdout=subprocess.DEVNULL)
+                subprocess.run([cmake, "--build", build_dir, "--config", "Release"], check=True,
+                               stdout=subprocess.DEVNULL)
+            except subprocess.CalledProcessError as err:
+                self.warn(f"lacy-fast: the native data helpers failed to build ({err}); the numpy fallback is used")
+                return
+            built = [f for f in os.listdir(build_dir) if f.startswith("liblacy_native")
+                     and f.endswith((".so", ".dylib", ".dll"))]
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(os.path.join(build_dir, built[0]), target)
+
+
+native = Extension("lacy_fast.data._lacy_native", sources=[])
 
 packages = find_packages(include=["lacy_fast", "lacy_fast.*"]) + ["lacy_fast.kernels"]
 
@@ -15,6 +62,8 @@ setup(
     packages=packages,
     package_dir={"lacy_fast.kernels": "kernels"},
     package_data={"lacy_fast": ["presets/*.toml"]},
+    ext_modules=[native],
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         # A range that torch 2.13.0 satisfies: the Makefile installs `torch==2.13.0` first, so
         # pip never swaps the CPU build for a CUDA one on a machine without a GPU.

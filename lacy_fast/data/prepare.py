@@ -1,0 +1,355 @@
+"""``lacy-fast prepare``: raw text -> tokenizer -> fact labels -> memory-mapped shards.
+
+    lacy-fast prepare --input corpus/*.jsonl.gz --out data/wiki --vocab-size 32000 --workers 8
+    lacy-fast prepare --input more.txt --out data/x --tokenizer data/wiki/tokenizer.model label.subwords=first
+    lacy-fast prepare --show data/wiki --docs 5      # decoded documents, fact tokens as [[...]]
+
+Steps: resolve the inputs; record the settings in ``OUT/prepare.json``; train the
+SentencePiece tokenizer on a seeded sample of the documents (or copy the given one) to
+``OUT/tokenizer.model``; stream the documents in shards of ``shard_docs`` to K worker
+processes, each tokenizing + labeling a whole shard and writing it atomically; finally
+write ``OUT/stats.json``. The directory layout and the shard format are in ``shards.py``.
+
+Resumable: a shard is the unit of work. A rerun with the same settings keeps every shard
+whose file is complete (header valid, same tokenizer, right document count) and redoes
+the others; a rerun with different settings (inputs, tokenizer, labeling rule, shard size)
+is refused, because mixing them in one directory would mix two datasets. ``workers`` and
+``label.batch_size`` may change between runs: they change speed, not content.
+
+A worker that dies (killed, out of memory) stops the run with one sentence instead of a
+hang (``concurrent.futures`` notices the dead process); finished shards are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing as mp
+import queue
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from lacy_fast.config import PrepareConfig, load_config
+from lacy_fast.data import shards as shard_io
+from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
+from lacy_fast.errors import UserError
+from lacy_fast.fileio import write_bytes, write_json
+from lacy_fast.progress import Progress
+
+SETTINGS_FILE = "prepare.json"
+TRAIN_DOC_CHARS = 4000  # characters of each sampled document the tokenizer trains on
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", metavar="PATH", help="text files, directories or globs "
+                        "(.txt, .jsonl, .parquet, optionally .gz)")
+    parser.add_argument("--out", help="output directory (shards, tokenizer.model, stats.json)")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer, <CALL> included "
+                        "(default 32000)")
+    parser.add_argument("--tokenizer", metavar="FILE", help="use this SentencePiece .model instead of training one")
+    parser.add_argument("--workers", type=int, help="worker processes, each tokenizing and labeling (default 1)")
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of PrepareConfig keys")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--show", metavar="DIR", help="print documents of a prepare output with fact tokens marked "
+                        "[[...]] and exit")
+    parser.add_argument("--docs", type=int, default=3, help="documents --show prints (default 3)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="PrepareConfig overrides, e.g. label.subwords=first shard_docs=5000")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.show:
+        shard_io.show(args.show, args.docs)
+        return 0
+    cfg = config_from_args(args)
+    stats = prepare(cfg, progress=not args.quiet)
+    print(f"prepared {stats['documents']} documents, {stats['tokens']} tokens ({stats['fact_fraction']:.1%} facts) "
+          f"in {stats['shards']} shards at {cfg.out} in {stats['seconds']:.1f} s")
+    skipped = {k: v for k, v in stats["skipped"].items() if v}
+    if skipped:
+        print("skipped documents: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
+              + (f" (listed in {cfg.reader.error_log})" if cfg.reader.error_log else ""))
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    # `--input a.txt shard_docs=10`: argparse hands the override to --input; take it back.
+    inputs = list(args.input or [])
+    overrides = [i for i in inputs if "=" in i and not Path(i).exists()] + list(args.overrides)
+    args.input = [i for i in inputs if i not in overrides]
+    cfg = load_config(PrepareConfig, args.config, overrides)
+    tok = cfg.tokenizer
+    if args.vocab_size is not None:
+        tok = dataclasses.replace(tok, vocab_size=args.vocab_size)
+    if args.tokenizer is not None:
+        tok = dataclasses.replace(tok, path=args.tokenizer)
+    cfg = dataclasses.replace(
+        cfg, tokenizer=tok,
+        inputs=tuple(args.input) if args.input else cfg.inputs,
+        out=args.out or cfg.out,
+        workers=args.workers if args.workers is not None else cfg.workers,
+    )
+    if not cfg.inputs:
+        raise UserError("no input given; pass --input PATH [PATH ...] (files, directories or globs)")
+    if not cfg.out:
+        raise UserError("no output directory given; pass --out DIR")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
+    """Run ``prepare`` with ``cfg``; returns what it writes to ``stats.json``."""
+    from lacy_fast.data.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    files = resolve_inputs(cfg.inputs)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(cfg, files)
+    _check_settings(out, settings)
+
+    tok_path = out / "tokenizer.model"
+    n_docs: int
+    if cfg.tokenizer.path:
+        given = Tokenizer.load(cfg.tokenizer.path)
+        if not tok_path.exists() or shard_io.file_sha256(tok_path) != given.sha256:
+            write_bytes(tok_path, given.path.read_bytes())
+        tok, n_docs = Tokenizer.load(tok_path), _count(cfg)
+    elif tok_path.exists():  # resuming: the settings match, so this is the one trained for them
+        tok, n_docs = Tokenizer.load(tok_path), _count(cfg)
+    else:
+        sample, n_docs = _sample(cfg)
+        if progress:
+            print(f"training a {cfg.tokenizer.model_type} tokenizer of {cfg.tokenizer.vocab_size} pieces on "
+                  f"{len(sample)} documents", flush=True)
+        tok = Tokenizer.train(sample, cfg.tokenizer, tok_path)
+        del sample
+
+    skips = SkipReport(cfg.reader.error_log)
+    bar = Progress("prepare", total=n_docs, unit="docs", enabled=progress)
+    done_stats: dict[int, dict[str, Any]] = {}
+    resumed = 0
+    tokens_this_run = 0
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked spaCy or thread state
+    events = ctx.Queue()
+    pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                                  initargs=(cfg.label, str(tok_path), events))
+    pending: dict[cf.Future, int] = {}
+    try:
+        for index, texts in _chunks(read_documents(cfg.inputs, cfg.reader, skips), cfg.shard_docs):
+            previous = _finished(out, index, len(texts), tok.sha256)
+            if previous is not None:
+                done_stats[index] = previous
+                resumed += 1
+                bar.update(len(texts))
+                continue
+            pending[pool.submit(_label_shard, index, texts, str(out), tok.sha256, tok.vocab_size)] = index
+            del texts
+            while len(pending) > cfg.workers:  # bounded: at most workers + 1 shards in memory
+                tokens_this_run += _collect(pending, done_stats, events, bar, block_until_one=True)
+        while pending:
+            tokens_this_run += _collect(pending, done_stats, events, bar, block_until_one=True)
+        _drain(events, bar)
+    except cf.process.BrokenProcessPool:
+        lost = sorted(pending.values())
+        raise UserError(f"a worker process died while labeling shard {lost[0] if lost else '?'} (killed or out "
+                        "of memory); rerun the same command to resume from the finished shards, with fewer "
+                        "--workers if memory is short")
+    finally:
+        pool.shutdown(wait=not pending, cancel_futures=True)
+        skips.close()
+    bar.close()
+    _remove_stale(out, len(done_stats))
+
+    seconds = time.perf_counter() - start
+    from lacy_fast.data.labeling import LabelStats
+
+    total = LabelStats()
+    for index in sorted(done_stats):
+        total.merge(done_stats[index])
+    stats = {
+        **{k: v for k, v in total.to_dict().items() if not k.startswith("fact_tokens_by")},
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens_this_run / seconds, 1) if seconds > 0 else 0.0,
+        "tokens_this_run": tokens_this_run,
+        "workers": cfg.workers,
+        "shards": len(done_stats),
+        "resumed_shards": resumed,
+        "skipped": dict(skips.counts),
+        "skipped_total": skips.total,
+        "fact_tokens_by_pos": total.to_dict()["fact_tokens_by_pos"],
+        "fact_tokens_by_entity": total.to_dict()["fact_tokens_by_entity"],
+        "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "call_id": tok.call_id,
+                      "eos_id": tok.eos_id, "trained": not cfg.tokenizer.path},
+        "label": dataclasses.asdict(cfg.label),
+    }
+    write_json(out / "stats.json", stats)
+    return stats
+
+
+def _settings(cfg: PrepareConfig, files: list[Path]) -> dict[str, Any]:
+    """What determines the shards' content (not workers, batch size, log path)."""
+    from lacy_fast.data.tokenizer import Tokenizer
+
+    label = {k: v for k, v in cfg.label.to_dict().items() if k != "batch_size"}
+    tokenizer = cfg.tokenizer.to_dict()
+    if cfg.tokenizer.path:  # a given tokenizer is known by its bytes, not its path
+        tokenizer = {"sha256": Tokenizer.load(cfg.tokenizer.path).sha256}
+    return {
+        "format_version": shard_io.VERSION,
+        "inputs": [[str(p.resolve()), p.stat().st_size] for p in files],
+        "reader": {k: v for k, v in cfg.reader.to_dict().items() if k != "error_log"},
+        "tokenizer": tokenizer,
+        "label": label,
+        "shard_docs": cfg.shard_docs,
+    }
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    path = out / SETTINGS_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != settings:
+            what = next((k for k in settings if old is None or old.get(k) != settings[k]), "format")
+            raise UserError(f"{out} was prepared with other settings ({what} differs); use another --out, or delete "
+                            f"{out} to start over")
+    else:
+        write_json(path, settings)
+
+
+def _count(cfg: PrepareConfig) -> int:
+    """Documents the reader yields (a cheap pass, for the progress bar's ETA)."""
+    return sum(1 for _ in read_documents(cfg.inputs, cfg.reader, SkipReport()))
+
+
+def _sample(cfg: PrepareConfig) -> tuple[list[str], int]:
+    """A seeded uniform sample of ``train_docs`` documents (reservoir sampling) and the count."""
+    rng = random.Random(cfg.tokenizer.seed)
+    k = cfg.tokenizer.train_docs
+    sample: list[str] = []
+    n = 0
+    for doc in read_documents(cfg.inputs, cfg.reader, SkipReport()):
+        text = doc.text[:TRAIN_DOC_CHARS]
+        if n < k:
+            sample.append(text)
+        else:
+            j = rng.randrange(n + 1)
+            if j < k:
+                sample[j] = text
+        n += 1
+    if not sample:
+        raise UserError(f"the inputs hold no usable document ({', '.join(cfg.inputs)}); check them, or pass "
+                        "reader.error_log=FILE to see why each one was skipped")
+    return sample, n
+
+
+def _chunks(docs: Iterator, size: int) -> Iterator[tuple[int, list[str]]]:
+    chunk: list[str] = []
+    index = 0
+    for doc in docs:
+        chunk.append(doc.text)
+        if len(chunk) == size:
+            yield index, chunk
+            index, chunk = index + 1, []
+    if chunk:
+        yield index, chunk
+
+
+def _finished(out: Path, index: int, n_docs: int, sha256: str) -> dict[str, Any] | None:
+    """The stats of shard ``index`` if it is complete and belongs to this run, else None."""
+    path = out / shard_io.shard_name(index)
+    stats_path = path.with_suffix(".stats.json")
+    if not (path.exists() and stats_path.exists()):
+        return None
+    try:
+        header = shard_io.read_header(path)
+        stats = json.loads(stats_path.read_text())
+    except (UserError, json.JSONDecodeError):
+        return None
+    if header.tokenizer_sha256 != sha256 or header.n_docs != n_docs or stats.get("documents") != n_docs:
+        return None
+    return stats
+
+
+def _collect(pending: dict[cf.Future, int], done_stats: dict[int, dict[str, Any]], events: Any, bar: Progress,
+             block_until_one: bool) -> int:
+    """Wait (showing progress) until a shard finishes; record it; return its token count."""
+    tokens = 0
+    while True:
+        done, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+        _drain(events, bar)
+        for fut in done:
+            index = pending.pop(fut)
+            stats = fut.result()  # re-raises a worker's exception here
+            done_stats[index] = stats
+            tokens += stats["tokens"]
+        if done or not block_until_one:
+            return tokens
+
+
+def _drain(events: Any, bar: Progress) -> None:
+    while True:
+        try:
+            docs, tokens = events.get_nowait()
+        except queue.Empty:
+            return
+        bar.update(docs, tokens=tokens)
+
+
+def _remove_stale(out: Path, n_shards: int) -> None:
+    """Shards numbered past this run's last one (left by an interrupted run of other sizes)."""
+    for path in shard_io.shard_paths(out):
+        if int(shard_io.SHARD_RE.match(path.name).group(1)) >= n_shards:
+            path.unlink()
+            path.with_suffix(".stats.json").unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Worker processes
+# ----------------------------------------------------------------------------------------
+
+_labeler = None
+_events = None
+
+
+def _init_worker(label_cfg, tokenizer_path: str, events: Any) -> None:
+    global _labeler, _events
+    from lacy_fast.data.labeling import single_threaded
+
+    single_threaded()  # before spaCy brings in numpy's thread pools
+    from lacy_fast.data.labeling import FactLabeler
+    from lacy_fast.data.tokenizer import Tokenizer
+
+    _labeler = FactLabeler(label_cfg, Tokenizer.load(tokenizer_path))
+    _events = events
+
+
+def _label_shard(index: int, texts: list[str], out: str, sha256: str, vocab_size: int) -> dict[str, Any]:
+    """Tokenize + label one shard's documents and write it; returns its stats."""
+    from lacy_fast.data.labeling import LabelStats
+
+    stats = LabelStats()
+    docs = []
+    step = _labeler.cfg.batch_size
+    for lo in range(0, len(texts), step):
+        before = stats.tokens
+        docs += _labeler.label_batch(texts[lo:lo + step], stats)
+        _events.put((min(step, len(texts) - lo), stats.tokens - before))
+    path = Path(out) / shard_io.shard_name(index)
+    result = stats.to_dict()
+    # Stats first, shard last: the shard's existence is what marks it done.
+    write_json(path.with_suffix(".stats.json"), result)
+    shard_io.write_shard(path, docs, sha256, vocab_size)
+    return result

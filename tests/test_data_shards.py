@@ -1,0 +1,116 @@
+"""Shards: round trip, memmap reading, refusal of other tokenizers, versions and torn files."""
+import struct
+
+import numpy as np
+import pytest
+
+from lacy_fast.data import shards as S
+from lacy_fast.errors import UserError
+
+SHA = "ab" * 32
+OTHER = "cd" * 32
+
+
+def _docs(rng, n, vocab):
+    docs = []
+    for _ in range(n):
+        length = int(rng.integers(1, 50))
+        ids = rng.integers(0, vocab, length).astype(np.uint32)
+        flags = rng.integers(0, 4, length).astype(np.uint8)
+        docs.append((ids, flags))
+    return docs
+
+
+@pytest.mark.parametrize("vocab, dtype", [(32000, np.uint16), (65536, np.uint16), (70000, np.uint32)])
+def test_round_trip(tmp_path, vocab, dtype):
+    rng = np.random.default_rng(vocab)
+    docs = _docs(rng, 37, vocab)
+    path = tmp_path / S.shard_name(0)
+    header = S.write_shard(path, docs, SHA, vocab)
+    assert path.stat().st_size == header.file_size
+    shard = S.Shard(path, expect_sha256=SHA)
+    assert shard.tokens.dtype == dtype and isinstance(shard.tokens, np.memmap)
+    assert shard.n_docs == 37 and shard.n_tokens == sum(len(d[0]) for d in docs)
+    assert shard.header.vocab_size == vocab and shard.header.tokenizer_sha256 == SHA
+    for d, (ids, flags) in enumerate(docs):
+        got_ids, got_flags = shard.document(d)
+        assert np.array_equal(got_ids, ids) and np.array_equal(got_flags, flags)
+    assert np.array_equal(shard.doc_lengths, [len(i) for i, _ in docs])
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary name is gone
+
+
+def test_empty_shard(tmp_path):
+    S.write_shard(tmp_path / "shard_00000.bin", [], SHA, 100)
+    shard = S.Shard(tmp_path / "shard_00000.bin")
+    assert shard.n_docs == 0 and len(shard.tokens) == 0 and shard.doc_offsets.tolist() == [0]
+
+
+def test_refuses_other_tokenizer_version_truncation_and_junk(tmp_path):
+    path = tmp_path / "shard_00000.bin"
+    S.write_shard(path, _docs(np.random.default_rng(0), 5, 100), SHA, 100)
+    with pytest.raises(UserError, match="another tokenizer") as info:
+        S.Shard(path, expect_sha256=OTHER)
+    assert "\n" not in str(info.value)
+    raw = bytearray(path.read_bytes())
+    v2 = tmp_path / "v2.bin"
+    v2.write_bytes(bytes(raw[:8]) + struct.pack("<I", 2) + bytes(raw[12:]))
+    with pytest.raises(UserError, match="format version 2"):
+        S.Shard(v2)
+    torn = tmp_path / "torn.bin"
+    torn.write_bytes(bytes(raw[:-3]))
+    with pytest.raises(UserError, match="truncated"):
+        S.Shard(torn)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello world" * 20)
+    with pytest.raises(UserError, match="not a lacy-fast shard"):
+        S.Shard(junk)
+    with pytest.raises(UserError, match="does not exist"):
+        S.Shard(tmp_path / "nope.bin")
+
+
+def test_shard_set_checks_every_header_against_the_tokenizer(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"model bytes")
+    sha = S.file_sha256(tmp_path / "tokenizer.model")
+    rng = np.random.default_rng(1)
+    a, b = _docs(rng, 4, 50), _docs(rng, 3, 50)
+    S.write_shard(tmp_path / S.shard_name(0), a, sha, 50)
+    S.write_shard(tmp_path / S.shard_name(1), b, sha, 50)
+    ss = S.ShardSet(tmp_path)
+    assert ss.n_docs == 7 and not ss.complete
+    assert ss.total_tokens == sum(len(i) for i, _ in a + b)
+    assert np.array_equal(ss.doc_lengths, [len(i) for i, _ in a + b])
+    assert np.array_equal(ss.document(5)[0], b[1][0])
+    S.write_shard(tmp_path / S.shard_name(2), b, OTHER, 50)
+    with pytest.raises(UserError, match="another tokenizer"):
+        S.ShardSet(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        S.ShardSet(tmp_path / "missing")
+
+
+def test_sidecar(tmp_path):
+    path = tmp_path / "shard_00003.bin"
+    S.write_shard(path, _docs(np.random.default_rng(2), 6, 100), SHA, 100)
+    shard = S.Shard(path)
+    nll = np.arange(shard.n_tokens, dtype=np.float32)
+    written = S.write_sidecar(shard, "ref_nll", nll)
+    assert written.name == "shard_00003.ref_nll.npy"
+    assert np.array_equal(shard.sidecar("ref_nll"), nll)
+    np.save(written, nll[:-1])
+    with pytest.raises(UserError, match="rows"):
+        shard.sidecar("ref_nll")
+    with pytest.raises(UserError, match="no 'judge' sidecar"):
+        shard.sidecar("judge")
+
+
+class _Pieces:
+    """A stand-in tokenizer for render(): id k decodes to PIECES[k]."""
+    PIECES = ["Born", " in", " War", "saw", " on", " 3", " May", "."]
+
+    def decode_pieces(self, ids):
+        return [self.PIECES[i] for i in ids]
+
+
+def test_render_marks_fact_runs():
+    flags = np.array([0, 0, 1, 1, 0, 1, 1, 0], dtype=np.uint8)
+    text = S.render(_Pieces(), np.arange(8), flags)
+    assert text == "Born in [[Warsaw]] on [[3 May]]."
