@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = _Parser(prog=f"lacy-fast {name}", description=summary)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    args = parser.parse_intermixed_args(rest)  # `key=value` overrides may follow options
     try:
         return int(module.run(args) or 0)
     except UserError as err:

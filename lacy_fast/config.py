@@ -255,11 +255,13 @@ class TrainConfig(Config):
     keep_last: int = doc(2, "checkpoints kept")
     peak_tflops: float = doc(0.0, "device peak TFLOP/s for MFU (0: looked up from the device name)")
     compile: bool = doc(False, "torch.compile the model")
+    profile_start: int = doc(0, "first step of the torch.profiler trace window (OUT/profile/)")
+    profile_steps: int = doc(0, "steps traced by torch.profiler (0: no trace)")
 
     def check(self) -> None:
         self._positive("max_steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "log_every", "keep_last")
         self._non_negative("max_gt_tokens", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
-                           "ckpt_every", "peak_tflops")
+                           "ckpt_every", "peak_tflops", "profile_start", "profile_steps")
         self._fraction("min_lr_ratio")
 
 

@@ -4,7 +4,8 @@ Layout under ``OUT/checkpoints``::
 
     step_00000200/          a DeepSpeed checkpoint (model, optimizer, scheduler; ZeRO
                             shards per rank) plus, ours:
-        rng_rank{r}.pt      each rank's RNG states (torch, CUDA, numpy, python)
+        rank{r}.pt          each rank's RNG states (torch, CUDA, numpy, python) and data
+                            position (for sources whose position is not the step)
         lacy.json           step, token counts, data state, and the model / tokenizer
                             identity checked on resume
     latest                  the tag of the newest complete checkpoint
@@ -82,15 +83,16 @@ class Checkpointer:
                 raise UserError(f"{out_dir} holds a checkpoint with another {what} ({_diff(saved.get(key), identity.get(key))}); "
                                 "use a new out_dir, or the settings it was trained with")
 
-    def save(self, engine, step: int, state: dict[str, Any]) -> str:
-        """Collective: every rank calls it at the same step."""
+    def save(self, engine, step: int, state: dict[str, Any], rank_state: Any = None) -> str:
+        """Collective: every rank calls it at the same step. ``state`` (rank 0's) goes to
+        lacy.json; ``rank_state`` is each rank's own (its data position)."""
         tag = f"step_{step:08d}"
         target = self.dir / tag
         if self.rank == 0 and target.exists():  # a leftover of a run killed mid-save
             shutil.rmtree(target)
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-        torch.save(rng_state(), target / f"rng_rank{self.rank}.pt")
+        torch.save({"rng": rng_state(), "data": rank_state}, target / f"rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
             write_json(target / "lacy.json", {"step": step, **state})
@@ -99,18 +101,21 @@ class Checkpointer:
         _barrier()
         return tag
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
+    def load(self, engine, tag: str) -> tuple[dict[str, Any], Any]:
+        """Restore ``engine`` and this rank's RNG; returns (lacy.json, this rank's rank_state)."""
         path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {self.dir / tag}; it is damaged, "
                             f"point {self.dir / 'latest'} at an older step or start a new out_dir")
-        rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        else:  # resumed on a different number of ranks: RNG streams cannot be restored exactly
-            torch.manual_seed(hash((tag, self.rank)) % (2**31))
-        return self.identity(tag)
+        rank_file = self.dir / tag / f"rank{self.rank}.pt"
+        identity = self.identity(tag)
+        if not rank_file.is_file():
+            raise UserError(f"{self.dir / tag} was written by {identity.get('world_size', '?')} rank(s), which this "
+                            "run does not match; resume with the same number of ranks")
+        saved = torch.load(rank_file, weights_only=False)
+        set_rng_state(saved["rng"])
+        return identity, saved["data"]
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and TAG.match(p.name))

@@ -1,0 +1,291 @@
+"""Online data: raw text -> tokens + fact labels -> packed batches, labeled by worker processes.
+
+    lacy-fast train --config tiny data.source=online data.inputs=[corpus.jsonl] \
+        data.tokenizer=tok.model data.workers=4 data.path=cache/    # data.path: optional cache
+
+Each rank reads the documents ``i`` with ``i mod world == rank`` and cuts them into chunks
+of ``label.batch_size`` documents; chunk ``c`` is labeled by worker ``c mod K`` (``K =
+data.workers`` processes, spawn start method) with the same ``FactLabeler`` as ``lacy-fast
+prepare``, so online labels equal offline shards for the same text. Every worker reads the
+raw text itself (reading is cheap next to spaCy) and sends its chunks through its own
+bounded queue; the rank's batch thread takes chunk ``c`` from queue ``c mod K``, so the
+stream has one order whatever the workers' speeds. Documents are packed as in
+``PackedSamples``: a stream of ``seq_len + 1``-token samples overlapping by one token.
+
+Position and resume: after each batch, the stream position is (epoch, next chunk, the
+tokens and flags packed but not yet batched). The loop checkpoints the position of the last
+batch it consumed (per rank); a resumed run restarts the workers at that chunk and refills
+the carry buffer, so it sees exactly the samples an uninterrupted run would have seen.
+
+Cache: with ``data.path`` set, the first epoch also writes every labeled document of this
+rank as shards in ``data.path/rank{r}-of-{W}/`` (the ``prepare`` format); later epochs read
+them instead of labeling again. Only a first epoch labeled from its start writes the cache
+(a run resumed in the middle of epoch 0 does not).
+
+Failures: a worker that raises (bad input the reader let through, a spaCy crash) reports
+the document location it was labeling and the run stops with that sentence; a worker that
+dies (killed, out of memory) is noticed within half a second, with the location it had
+reached; nothing hangs.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import queue
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from lacy_fast.config import DataConfig, LabelConfig, ReaderConfig
+from lacy_fast.data import shards as shard_io
+from lacy_fast.data.loader import Batch, make_batch
+from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
+from lacy_fast.data.tokenizer import Tokenizer
+from lacy_fast.errors import UserError
+from lacy_fast.fileio import write_json
+
+CACHE_SHARD_DOCS = 20_000  # documents per cache shard
+_WHERE = 512  # bytes of the shared "where is this worker" string
+
+
+# ----------------------------------------------------------------------------------------
+# Worker processes
+# ----------------------------------------------------------------------------------------
+
+
+def _work(worker: int, n_workers: int, rank: int, world: int, inputs: list[str], reader_cfg: ReaderConfig,
+          label_cfg: LabelConfig, tokenizer_path: str, chunk_docs: int, start_chunk: int, out: Any,
+          where: Any) -> None:
+    """Label this worker's chunks of this rank's documents; put them on ``out`` in order."""
+    from lacy_fast.data.labeling import single_threaded
+
+    single_threaded()
+    from lacy_fast.data.labeling import FactLabeler
+
+    location = "start-up"
+    try:
+        labeler = FactLabeler(label_cfg, Tokenizer.load(tokenizer_path))
+        skips = SkipReport()
+        chunk, docs = 0, []
+
+        def emit() -> None:
+            nonlocal location
+            if chunk % n_workers == worker and chunk >= start_chunk:
+                location = f"{docs[0].source}:{docs[0].line}-{docs[-1].line}"
+                where.value = location.encode()[: _WHERE - 1]
+                out.put(("chunk", chunk, labeler.label_batch([d.text for d in docs])))
+
+        for i, doc in enumerate(read_documents(inputs, reader_cfg, skips)):
+            if i % world != rank:
+                continue
+            docs.append(doc)
+            if len(docs) == chunk_docs:
+                emit()
+                chunk, docs = chunk + 1, []
+        if docs:
+            emit()
+            chunk += 1
+        out.put(("end", chunk, dict(skips.counts)))
+    except BaseException as err:  # reported by the rank with the location
+        out.put(("error", location, f"{type(err).__name__}: {err}".splitlines()[0]))
+
+
+class _Workers:
+    """K labeling processes for one epoch, from ``start_chunk``."""
+
+    def __init__(self, n: int, rank: int, world: int, inputs: list[str], data: DataConfig, tokenizer_path: str,
+                 start_chunk: int):
+        ctx = mp.get_context("spawn")
+        self.queues = [ctx.Queue(maxsize=data.queue_depth) for _ in range(n)]
+        self.where = [ctx.Array("c", _WHERE) for _ in range(n)]
+        self.procs = [
+            ctx.Process(target=_work, name=f"lacy-prefetch-{w}", daemon=True,
+                        args=(w, n, rank, world, inputs, data.reader, data.label, tokenizer_path, data.label.batch_size,
+                              start_chunk, self.queues[w], self.where[w]))
+            for w in range(n)
+        ]
+        for p in self.procs:
+            p.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def get(self, chunk: int) -> tuple:
+        """The message for ``chunk`` from its worker; a dead worker is a UserError."""
+        w = chunk % len(self.procs)
+        while True:
+            try:
+                return self.queues[w].get(timeout=0.5)
+            except queue.Empty:
+                code = self.procs[w].exitcode
+                if code is not None:
+                    where = self.where[w].value.decode(errors="replace")
+                    doing = f"labeling {where}" if where else "starting up"
+                    raise UserError(f"prefetch worker {w} died (exit code {code}) while {doing}; check memory "
+                                    "(and that input), then rerun to resume from the last checkpoint")
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+        for q in self.queues:
+            q.cancel_join_thread()
+            q.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The rank's stream
+# ----------------------------------------------------------------------------------------
+
+
+class OnlineBatches:
+    """Micro-batches of one rank, labeled online (see the module doc)."""
+
+    def __init__(self, data: DataConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, rank: int,
+                 seed: int, pin: bool = False):
+        if not data.inputs:
+            raise UserError("data.source=online needs raw text: set data.inputs=[FILE, ...]")
+        if not data.tokenizer:
+            raise UserError("data.source=online needs a tokenizer: set data.tokenizer=FILE.model "
+                            "(e.g. the tokenizer.model of a `lacy-fast prepare` output)")
+        self.inputs = [str(p) for p in resolve_inputs(data.inputs)]  # fails fast on a bad path
+        self.tokenizer_path = Path(data.tokenizer)
+        if not self.tokenizer_path.is_file():
+            raise UserError(f"data.tokenizer {data.tokenizer} does not exist; pass a SentencePiece .model file")
+        self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        self.data, self.seq_len, self.micro_batch = data, seq_len, micro_batch
+        self.world, self.rank, self.pin = world, rank, pin
+        self.cache_dir = Path(data.path) / f"rank{rank:03d}-of-{world:03d}" if data.path else None
+        self.skipped: dict[str, int] = {}
+        self.workers: _Workers | None = None
+
+    # -- labeled documents, chunk by chunk ------------------------------------------------
+
+    def _fingerprint(self) -> dict[str, Any]:
+        from lacy_fast.config import to_dict
+
+        return {"inputs": [[p, Path(p).stat().st_size] for p in self.inputs], "tokenizer": self.tokenizer.sha256,
+                "label": to_dict(self.data.label), "reader": to_dict(self.data.reader),
+                "chunk_docs": self.data.label.batch_size}
+
+    def _cache_ready(self) -> bool:
+        if self.cache_dir is None or not (self.cache_dir / "stats.json").exists():
+            return False
+        saved = json.loads((self.cache_dir / "cache.json").read_text())
+        if saved != json.loads(json.dumps(self._fingerprint())):
+            raise UserError(f"online cache {self.cache_dir} was written from other inputs or labeling settings; "
+                            "delete it or point data.path elsewhere")
+        return True
+
+    def _chunks(self, epoch: int, start: int) -> Iterator[tuple[int, int, list[tuple[np.ndarray, np.ndarray]]]]:
+        """(epoch, chunk, labeled docs) forever, epoch after epoch."""
+        while True:
+            if epoch > 0 and self._cache_ready():
+                yield from self._cached_chunks(epoch, start)
+            else:
+                yield from self._labeled_chunks(epoch, start, write_cache=epoch == 0 and start == 0)
+            epoch, start = epoch + 1, 0
+
+    def _labeled_chunks(self, epoch: int, start: int, write_cache: bool):
+        cache = _CacheWriter(self.cache_dir, self.tokenizer, self._fingerprint()) if (
+            write_cache and self.cache_dir is not None) else None
+        self.workers = _Workers(max(1, self.data.workers), self.rank, self.world, self.inputs, self.data,
+                                str(self.tokenizer_path), start)
+        try:
+            chunk = start
+            while True:
+                kind, *rest = self.workers.get(chunk)
+                if kind == "error":
+                    where, what = rest
+                    raise UserError(f"prefetch worker failed while labeling {where} ({what}); fix or remove that "
+                                    "input and rerun")
+                if kind == "end":
+                    self.skipped = rest[1]
+                    if cache is not None:
+                        cache.finish()
+                    return
+                _, docs = rest
+                if cache is not None:
+                    cache.add(docs)
+                yield epoch, chunk, docs
+                chunk += 1
+        finally:
+            self.workers.close()
+            self.workers = None
+
+    def _cached_chunks(self, epoch: int, start: int):
+        shards = shard_io.ShardSet(self.cache_dir)
+        size = self.data.label.batch_size
+        for chunk in range(start, -(-shards.n_docs // size)):
+            docs = [shards.document(i) for i in range(chunk * size, min((chunk + 1) * size, shards.n_docs))]
+            yield epoch, chunk, docs
+
+    # -- packing into batches -------------------------------------------------------------
+
+    def batches(self, start_step: int = 0, state: dict[str, Any] | None = None) -> Iterator[Batch]:
+        """Micro-batches from ``state`` (a position from a checkpoint) or the start."""
+        epoch, chunk = (state["epoch"], state["chunk"]) if state else (0, 0)
+        carry_t = [np.asarray(state["carry_tokens"], dtype=np.int64)] if state else []
+        carry_f = [np.asarray(state["carry_flags"], dtype=np.uint8)] if state else []
+        L = self.seq_len
+        for epoch, chunk, docs in self._chunks(epoch, chunk):
+            tokens = np.concatenate(carry_t + [ids.astype(np.int64) for ids, _ in docs])  # (n,)
+            flags = np.concatenate(carry_f + [f for _, f in docs])  # (n,)
+            n_samples = (len(tokens) - 1) // L if len(tokens) > L else 0
+            done = 0
+            while n_samples - done >= self.micro_batch:
+                rows = range(done * L, (done + self.micro_batch) * L, L)
+                batch = make_batch(np.stack([tokens[r:r + L + 1] for r in rows]),
+                                   np.stack([flags[r:r + L + 1] for r in rows]), self.pin)
+                done += self.micro_batch
+                rest = slice(done * L, None)
+                batch.position = {"epoch": epoch, "chunk": chunk + 1, "carry_tokens": tokens[rest].tolist(),
+                                  "carry_flags": flags[rest].tolist()}
+                yield batch
+            carry_t, carry_f = [tokens[done * L:]], [flags[done * L:]]
+
+    def documents(self, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This rank's labeled documents of the first epoch, in stream order (for checks)."""
+        n = 0
+        for _, _, docs in self._labeled_chunks(0, 0, write_cache=False):
+            for doc in docs:
+                yield doc
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+
+
+class _CacheWriter:
+    """Writes one rank's first epoch as shards; ``stats.json`` last marks it complete."""
+
+    def __init__(self, directory: Path, tokenizer: Tokenizer, fingerprint: dict[str, Any]):
+        self.dir, self.tokenizer = directory, tokenizer
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in list(directory.glob("shard_*")) + list(directory.glob("stats.json")):
+            stale.unlink()
+        (directory / "tokenizer.model").write_bytes(tokenizer.path.read_bytes())
+        write_json(directory / "cache.json", fingerprint)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.index = self.documents = self.tokens = 0
+
+    def add(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.pending += docs
+        if len(self.pending) >= CACHE_SHARD_DOCS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        shard_io.write_shard(self.dir / shard_io.shard_name(self.index), self.pending, self.tokenizer.sha256,
+                             self.tokenizer.vocab_size)
+        self.documents += len(self.pending)
+        self.tokens += sum(len(ids) for ids, _ in self.pending)
+        self.index, self.pending = self.index + 1, []
+
+    def finish(self) -> None:
+        self._flush()
+        write_json(self.dir / "stats.json", {"documents": self.documents, "tokens": self.tokens})

@@ -1,0 +1,261 @@
+"""The training loop on CPU: single rank, exact resume, 2 ranks with ZeRO 1-3, the
+equal-budget stopping rule, signals, refusals and bad configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lacy_fast.config import PrepareConfig, ReaderConfig, TokenizerConfig
+from lacy_fast.data import synth
+from lacy_fast.data.prepare import prepare
+from lacy_fast.model.io import load_export
+
+CLI = [sys.executable, "-m", "lacy_fast.cli"]
+# Small and quick: 64-token sequences of a 512-piece vocabulary, tiny model.
+SMALL = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "train.seq_len=64", "train.micro_batch_size=4",
+         "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "train.ckpt_every=0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    synth.write(root / "synth", 200, seed=3)
+    cfg = PrepareConfig(inputs=(str(root / "synth" / "corpus.jsonl"),), out=str(root / "prep"), workers=1,
+                        tokenizer=TokenizerConfig(vocab_size=512), reader=ReaderConfig())
+    prepare(cfg, progress=False)
+    return root / "prep"
+
+
+def train(out: Path, data: Path, *extra: str, launcher: list[str] | None = None, check: bool = True,
+          **kw) -> subprocess.CompletedProcess:
+    cmd = (launcher or CLI) + ["train", "--config", "tiny", f"data.path={data}", f"out_dir={out}", *SMALL, *extra]
+    if launcher:  # torchrun runs `-m lacy_fast.cli`
+        cmd = launcher + ["-m", "lacy_fast.cli"] + cmd[len(launcher):]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_rank_run_logs_every_step_and_exports(data, tmp_path):
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=12")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("step", "loss", "call_rate", "tokens_per_s", "mfu", "loss_gt", "loss_call", "fact_fraction", "lr",
+                "grad_norm", "data_wait", "peak_mem_gb", "gt_tokens"):
+        assert key in rows[0], key
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    # LaCy relabels floor(0.6 * facts) of each micro-batch.
+    assert all(abs(r["call_rate"] - 0.6 * r["fact_fraction"]) < 0.01 for r in rows)
+    assert rows[0]["mfu"] is None  # no known peak for a CPU
+    assert all(r["grad_norm"] > 0 for r in rows)
+    model, meta = load_export(out / "export")
+    assert meta["step"] == 12 and meta["call_id"] == 2 and model.cfg.d_model == 64
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+
+
+def test_resume_equals_an_uninterrupted_run(data, tmp_path):
+    """2N steps == N steps + resume + N steps (same losses to rounding): model, optimizer,
+    scheduler, RNG (dropout on) and data position are all restored."""
+    common = ["train.lr_decay_steps=8", "model.dropout=0.1", "train.grad_accum=2"]
+    train(tmp_path / "full", data, "train.max_steps=8", *common)
+    train(tmp_path / "split", data, "train.max_steps=4", *common)
+    proc = train(tmp_path / "split", data, "train.max_steps=8", *common)
+    assert "resuming" in proc.stderr
+    full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
+    for a, b in zip(full, split):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["gt_tokens"] == b["gt_tokens"] and a["lr"] == pytest.approx(b["lr"])
+
+
+def test_rerun_when_done_trains_nothing(data, tmp_path):
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=2")
+    proc = train(out, data, "train.max_steps=2")
+    assert "already trained to step 2" in proc.stderr
+    assert len(metrics(out)) == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_with_zero(data, tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29400 + stage)]
+    train(out, data, "train.max_steps=10", f"zero_stage={stage}", launcher=launcher, env=env)
+    rows = metrics(out)
+    assert len(rows) == 10
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    # Ranks read disjoint samples: two ranks see twice the targets of one.
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["world_size"] == 2
+    assert rows[0]["gt_tokens"] > 2 * 4 * 64 * 0.5
+    model, _ = load_export(out / "export")  # gathered from ZeRO shards: full shapes
+    assert model.head_weight.shape[1] == 64
+
+
+def test_equal_budget_stopping_rule(data, tmp_path):
+    """Runs stop once they have trained on max_gt_tokens ground-truth targets, whatever the
+    strategy: LaCy spends fewer targets per step on ground truth, so it runs more steps."""
+    budget = 4 * 64 * 6
+    train(tmp_path / "none", data, "train.max_steps=100", f"train.max_gt_tokens={budget}", "objective.strategy=none")
+    train(tmp_path / "lacy", data, "train.max_steps=100", f"train.max_gt_tokens={budget}")
+    none, lacy = metrics(tmp_path / "none"), metrics(tmp_path / "lacy")
+    assert len(none) == 6 and none[-1]["gt_tokens"] == budget
+    assert len(lacy) > len(none)
+    assert lacy[-1]["gt_tokens"] >= budget > lacy[-2]["gt_tokens"]
+    schedule = json.loads((tmp_path / "lacy" / "config.json").read_text())["train"]["lr_decay_steps"]
+    assert abs(schedule - len(lacy)) <= 2  # the cosine schedule spans the budget's steps
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = CLI + ["train", "--config", "tiny", f"data.path={data}", f"out_dir={out}", *SMALL, "train.max_steps=100000",
+                 "train.log_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert step >= 1 and metrics(out)[-1]["step"] == step
+    proc = train(out, data, f"train.max_steps={step + 2}")
+    assert f"resuming {out} from step {step}" in proc.stderr
+    assert metrics(out)[-1]["step"] == step + 2
+
+
+def test_checkpoint_of_another_model_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=2")
+    proc = train(out, data, "train.max_steps=4", "model.d_model=32", check=False)
+    assert proc.returncode == 2
+    assert "checkpoint with another model shape" in proc.stderr and "d_model" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train.lrr=1"], "did you mean 'train.lr'"),
+    (["objective.strategy=magic"], "choose one of"),
+    (["zero_stage=5"], "choose 0, 1, 2 or 3"),
+    (["train.precision=bf16"], "needs a GPU"),
+    (["data.path=/nonexistent/x"], "does not exist"),
+])
+def test_bad_config_is_one_sentence(data, tmp_path, args, words):
+    cmd = CLI + ["train", "--config", "tiny", f"data.path={data}", f"out_dir={tmp_path / 'r'}", *SMALL, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert words in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_explain_lists_the_contract_keys(capsys):
+    from lacy_fast import cli
+
+    assert cli.main(["train", "--explain"]) == 0
+    out = capsys.readouterr().out
+    for key in ("data.path", "out_dir", "train.max_steps", "train.seq_len", "train.micro_batch_size",
+                "train.grad_accum", "train.lr", "objective.strategy", "objective.call_fraction", "model.preset",
+                "zero_stage"):
+        assert key in out
+
+
+# ----------------------------------------------------------------------------------------
+# The online prefetcher
+# ----------------------------------------------------------------------------------------
+
+
+def online_source(data: Path, corpus: Path, workers: int = 2, cache: str = "", **kw):
+    from lacy_fast.config import DataConfig, LabelConfig
+    from lacy_fast.data.prefetch import OnlineBatches
+
+    cfg = DataConfig(source="online", inputs=(str(corpus),), tokenizer=str(data / "tokenizer.model"),
+                     workers=workers, path=cache, label=LabelConfig(batch_size=16))
+    return OnlineBatches(cfg, **{**dict(seq_len=64, micro_batch=4, grad_accum=1, world=1, rank=0, seed=0), **kw})
+
+
+def test_online_labels_equal_the_offline_shards(data):
+    from lacy_fast.data.shards import ShardSet
+
+    corpus = data.parent / "synth" / "corpus.jsonl"
+    offline = ShardSet(data)
+    online = list(online_source(data, corpus).documents())
+    assert len(online) == offline.n_docs == 200
+    for i, (ids, flags) in enumerate(online):
+        ref_ids, ref_flags = offline.document(i)
+        assert (ids == ref_ids).all() and (flags == ref_flags).all(), i
+
+
+def test_online_ranks_split_the_documents(data):
+    corpus = data.parent / "synth" / "corpus.jsonl"
+    from lacy_fast.data.shards import ShardSet
+
+    offline = ShardSet(data)
+    rank1 = list(online_source(data, corpus, world=2, rank=1, workers=1).documents(limit=5))
+    for j, (ids, _) in enumerate(rank1):
+        assert (ids == offline.document(2 * j + 1)[0]).all()
+
+
+def test_online_resume_from_a_position_continues_the_stream(data):
+    corpus = data.parent / "synth" / "corpus.jsonl"
+    stream = online_source(data, corpus).batches()
+    batches = [next(stream) for _ in range(6)]
+    resumed = online_source(data, corpus).batches(0, batches[2].position)
+    for want in batches[3:]:
+        got = next(resumed)
+        assert (got.idx == want.idx).all() and (got.flags == want.flags).all()
+
+
+def test_online_cache_is_written_and_read_in_the_next_epoch(data, tmp_path):
+    corpus = data.parent / "synth" / "corpus.jsonl"
+    source = online_source(data, corpus, cache=str(tmp_path / "cache"), workers=1)
+    seen = []
+    for batch in source.batches():
+        seen.append(batch)
+        if batch.position["epoch"] == 1:
+            break
+    cache = tmp_path / "cache" / "rank000-of-001"
+    assert (cache / "stats.json").exists()
+    from lacy_fast.data.shards import ShardSet
+
+    assert ShardSet(cache).n_docs == 200
+    assert source.workers is None  # epoch 1 read the cache: no labeling processes
+
+
+def test_a_killed_prefetch_worker_is_a_clear_error(data):
+    from lacy_fast.errors import UserError
+
+    corpus = data.parent / "synth" / "corpus.jsonl"
+    source = online_source(data, corpus, workers=2)
+    stream = source.batches()
+    for _ in range(6):  # past chunk 1: worker 1 is labeling by now
+        next(stream)
+    os.kill(source.workers.pids[1], signal.SIGKILL)
+    with pytest.raises(UserError, match=r"prefetch worker 1 died \(exit code -9\) while labeling .*corpus.jsonl:\d+"):
+        for _ in range(100):
+            next(stream)
+
+
+def test_online_training_runs_through_the_loop(data, tmp_path):
+    corpus = data.parent / "synth" / "corpus.jsonl"
+    out = tmp_path / "run"
+    proc = subprocess.run(CLI + ["train", "--config", "tiny", "data.source=online", f"data.inputs=[{corpus}]",
+                                 f"data.tokenizer={data / 'tokenizer.model'}", "data.workers=1", f"out_dir={out}",
+                                 *SMALL, "train.max_steps=4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = metrics(out)
+    assert len(rows) == 4 and 0 < rows[0]["fact_fraction"] < 1
