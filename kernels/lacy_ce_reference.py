@@ -206,11 +206,6 @@ def finish_rows(
 # ----------------------------------------------------------------------------------------
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(rows, V) logits of one chunk in the statistics dtype."""
-    return h @ w.T
-
-
 def row_stats_chunked(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,11 +225,12 @@ def row_stats_chunked(
     step = chunk_rows(n, d, vocab)
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        z = _chunk_logits(hidden[rows].to(sdt), w)  # (C, V)
+        z = hidden[rows].to(sdt) @ w.T  # (C, V)
         z_target[rows] = z.gather(1, y[rows, None])[:, 0]
         z_call[rows] = z[:, call_id]
         z[:, call_id] = float("-inf")
-        lse_nc[rows] = torch.logsumexp(z, dim=1)
+        top = z.amax(dim=1)  # (C,) log-sum-exp in place: one chunk buffer, no temporaries
+        lse_nc[rows] = top + z.sub_(top[:, None]).exp_().sum(dim=1).log()
     return lse_nc, z_call, z_target
 
 
@@ -260,7 +256,7 @@ def grads_chunked(
     for start in range(0, n, step):
         rows = slice(start, start + step)
         h = hidden[rows].to(sdt)  # (C, D)
-        dz = _chunk_logits(h, w)  # (C, V), becomes d loss / d logits in place
+        dz = h @ w.T  # (C, V) logits, turned into d loss / d logits in place
         dz.sub_(row_lse[rows, None]).exp_()
         tgt = row_target[rows]
         if not plain:  # ordinary rows: softmax without <CALL>
