@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def measure(name, loss_fn, inputs, device, passes, warmup, reps) -> list[dict]:
             fn = lambda: torch.autograd.grad(loss, (hidden, weight), retain_graph=True)  # noqa: E731
         t = time_fn(fn, device, warmup=warmup, reps=reps)
         rows.append({"provider": name, "pass": pass_, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
-                     "p80_ms": t.p80_ms, "reps": t.reps})
+                     "p80_ms": t.p80_ms, "reps": t.reps,
+                     "loadavg_1m": os.getloadavg()[0]})  # CPU timings share the machine: say how busy it was
         fn = loss = None
     peak = peak_memory(fwdbwd, device)
     for row in rows:

@@ -81,6 +81,31 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 logits h @ w.T of the rows at h_rows and the columns at w_rows
+    (pointer blocks of shape (BLOCK_N, 1) and (BLOCK_V, 1)), D in steps of BLOCK_D."""
+    z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        h = tl.load(h_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        z = _dot(h, tl.trans(w), z, DOT_PRECISION, DOT_UPCAST)
+    return z
+
+
+@triton.jit
+def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
+    """(row tile, column tile) of program ``pid``, GROUP row tiles sweeping the columns
+    together so the column operand's tiles are reused from L2 (the matmul tutorial's order)."""
+    per_group = GROUP * n_col_tiles
+    first_row = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_row_tiles - first_row, GROUP)
+    return first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
 def _lacy_ce_fwd_kernel(
     h_ptr,  # (N, D) hidden states, row stride stride_h, unit column stride
     w_ptr,  # (V, D) output head, row stride stride_w, unit column stride
@@ -116,13 +141,7 @@ def _lacy_ce_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-        z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            h = tl.load(h_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            z = _dot(h, tl.trans(w), z, DOT_PRECISION, DOT_UPCAST)
+        z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
         z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         z_c += tl.sum(tl.where(cols[None, :] == call_id, z, 0.0), axis=1)
         z = tl.where(col_ok[None, :] & (cols[None, :] != call_id), z, float("-inf"))
@@ -150,30 +169,15 @@ def _lacy_ce_dlogits_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    # One (BLOCK_N, BLOCK_V) tile per program, grouped so GROUP_N row blocks sweep the
-    # vocabulary together and share weight tiles in L2 (the matmul tutorial's ordering).
-    pid = tl.program_id(0)
-    n_pid_n = tl.cdiv(C, BLOCK_N)
-    n_pid_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * n_pid_v
-    first_n = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(n_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
-
+    # One (BLOCK_N, BLOCK_V) tile per program, in grouped order (weight tiles shared in L2).
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < C
     col_ok = cols < V
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        h = tl.load(h_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        z = _dot(h, tl.trans(w), z, DOT_PRECISION, DOT_UPCAST)
+    z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
 
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -198,14 +202,7 @@ def _matmul_tn_acc_kernel(
 ):
     # A plain GEMM (a transposed on load) whose epilogue adds into an fp32 buffer: every
     # output tile belongs to one program, so no atomics and a deterministic result.
-    pid = tl.program_id(0)
-    n_pid_m = tl.cdiv(M, BLOCK_M)
-    n_pid_p = tl.cdiv(P, BLOCK_P)
-    per_group = GROUP_M * n_pid_p
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_p = (pid % per_group) // group_rows
+    pid_m, pid_p = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(P, BLOCK_P), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
