@@ -27,7 +27,6 @@ Passes (triton):
             d loss / d logits (the chunk's dz, never all N rows); grad_hidden = dz @ W with
             cuBLAS; grad_weight += dz^T @ h with a Triton GEMM that accumulates in fp32.
 """
-import math
 import os
 import types
 

@@ -28,7 +28,6 @@ from lacy_fast.kernels.lacy_ce_reference import (
     RANKED,
     finish_rows,
     grads_chunked,
-    lacy_ce_torch,
     row_stats_chunked,
     select_calls,
 )
@@ -376,6 +375,19 @@ def test_triton_on_cpu_without_interpreter_fails_clearly():
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert 'ERROR: impl="triton" needs CUDA tensors' in out.stdout, out.stdout + out.stderr
+
+
+def test_without_triton_the_torch_paths_work():
+    """No triton wheel (macOS, Windows): the package imports, chunked runs, triton says why not."""
+    code = ("import sys\nsys.modules['triton'] = None\nimport torch\n"
+            "from lacy_fast.kernels import lacy_linear_cross_entropy as f\n"
+            "args = (torch.randn(5, 8), torch.randn(7, 8), torch.tensor([0, 1, 2, -100, 4]), "
+            "torch.ones(5, dtype=torch.uint8), 6)\n"
+            "print('LOSS', float(f(*args, impl='auto')[0]))\n"
+            "try:\n    f(*args, impl='triton')\nexcept ValueError as e:\n    print('ERROR:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "LOSS" in out.stdout and 'ERROR: impl="triton" needs the triton package' in out.stdout, out.stderr
 
 
 # ----------------------------------------------------------------------------------------
