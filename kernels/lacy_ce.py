@@ -1,0 +1,602 @@
+"""Fused LM head + LaCy loss: ``lacy_linear_cross_entropy``.
+
+    loss, stats = lacy_linear_cross_entropy(hidden, weight, targets, flags, call_id,
+                                            strategy="lacy", call_fraction=0.6)
+
+The method (DESIGN.md, "The method, precisely"): per position the logits z = W h; the
+highest-loss share of the candidate targets becomes <CALL> (loss -log p(CALL), full
+softmax); every other valid target is scored by cross-entropy with <CALL> excluded and
+the rest renormalised, nll = lse_nc - z_y. Semantic details and the pure-PyTorch
+implementations are in ``lacy_ce_reference.py``.
+
+The file reads top to bottom:
+  1. Triton kernels: the forward statistics, the backward's d loss / d logits, and the
+     fp32-accumulating weight-gradient GEMM.
+  2. Host launchers with their launch settings and napkin math.
+  3. The ops, registered with ``torch.library`` (custom op + fake + autograd) so
+     ``torch.compile(fullgraph=True)`` traces through them with no graph break.
+  4. The public function.
+
+Passes (triton):
+  forward   one kernel computes, tile by tile of hidden @ weight.T and without writing
+            logits anywhere, the online log-sum-exp over v != CALL, the CALL logit and the
+            target logit of every row (V split across programs, partial (max, sumexp)
+            combined by a tiny torch step); then selection runs on device (a stable sort,
+            no host synchronisation) and the loss is reduced on device.
+  backward  per chunk of rows: a kernel recomputes the logit tiles and writes
+            d loss / d logits (the chunk's dz, never all N rows); grad_hidden = dz @ W with
+            cuBLAS; grad_weight += dz^T @ h with a Triton GEMM that accumulates in fp32.
+"""
+import os
+import types
+
+import torch
+
+from lacy_fast.errors import UserError
+
+from .lacy_ce_reference import (
+    STRATEGIES,
+    chunk_rows,
+    finish_rows,
+    grads_chunked,
+    lacy_ce_torch,
+    row_stats_chunked,
+    stat_dtype,
+)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # no triton wheel for this platform: the torch paths still work
+    HAS_TRITON = False
+    # Just enough for the decorators and annotations below to evaluate; nothing launches.
+    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+
+IMPLS = ("auto", "triton", "torch", "chunked")
+AUTOTUNE_ENV = "LACY_FAST_AUTOTUNE"  # "1": triton.autotune picks the tiles (never in the interpreter)
+# Start of the running max: finite, so exp(m_old - m_new) never sees (-inf) - (-inf).
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.
+
+    DOT_UPCAST is set only in Triton's interpreter for bfloat16 inputs: the 3.9 interpreter
+    multiplies bf16 operands as raw integers, so they are widened to fp32 first (exact).
+    """
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """(BLOCK_N, BLOCK_V) fp32 logits h @ w.T of the rows at h_rows and the columns at w_rows
+    (pointer blocks of shape (BLOCK_N, 1) and (BLOCK_V, 1)), D in steps of BLOCK_D."""
+    z = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        h = tl.load(h_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_rows + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        z = _dot(h, tl.trans(w), z, DOT_PRECISION, DOT_UPCAST)
+    return z
+
+
+@triton.jit
+def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
+    """(row tile, column tile) of program ``pid``, GROUP row tiles sweeping the columns
+    together so the column operand's tiles are reused from L2 (the matmul tutorial's order)."""
+    per_group = GROUP * n_col_tiles
+    first_row = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_row_tiles - first_row, GROUP)
+    return first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _lacy_ce_fwd_kernel(
+    h_ptr,  # (N, D) hidden states, row stride stride_h, unit column stride
+    w_ptr,  # (V, D) output head, row stride stride_w, unit column stride
+    tgt_ptr,  # (N,) int64 targets; only compared with column ids, never used as an address
+    m_ptr,  # (S, N) fp32 out: max of the non-CALL logits in split s (_NEG_BIG if none)
+    s_ptr,  # (S, N) fp32 out: sum of exp(z - m) over the non-CALL logits in split s
+    zt_ptr,  # (N,) fp32 out: target logit, stored by the one split that holds the target column
+    zc_ptr,  # (N,) fp32 out: <CALL> logit, stored by the one split that holds call_id
+    N, V, D, call_id, n_splits, stride_h, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    # Program (row block, vocabulary split). Consecutive programs share a split, so the
+    # programs resident at once read the same weight tiles (L2 reuse); hidden is small.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % n_row_blocks
+    pid_s = pid // n_row_blocks
+    cols_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits) * BLOCK_V
+    v_begin = pid_s * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, V)
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+
+    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    z_t = tl.zeros((BLOCK_N,), tl.float32)
+    z_c = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+        z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
+        z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        z_c += tl.sum(tl.where(cols[None, :] == call_id, z, 0.0), axis=1)
+        z = tl.where(col_ok[None, :] & (cols[None, :] != call_id), z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+
+    tl.store(m_ptr + pid_s * N + rows, m, mask=row_ok)
+    tl.store(s_ptr + pid_s * N + rows, s, mask=row_ok)
+    tl.store(zt_ptr + rows, z_t, mask=row_ok & (tgt >= v_begin) & (tgt < v_end))
+    call_col = tl.full((BLOCK_N,), call_id, tl.int64)
+    tl.store(zc_ptr + rows, z_c, mask=row_ok & (call_col >= v_begin) & (call_col < v_end))
+
+
+@triton.jit
+def _lacy_ce_dlogits_kernel(
+    h_ptr,  # (C, D) hidden states of this chunk of rows, row stride stride_h
+    w_ptr,  # (V, D) output head, row stride stride_w
+    lse_ptr,  # (C,) fp32 row log-normaliser: lse for CALL and plain-CE rows, lse_nc otherwise
+    tgt_ptr,  # (C,) int64 row target: call_id for CALL rows, -1 for rows without loss
+    coef_ptr,  # (C,) fp32 row weight: d loss / d row loss (0 for rows without loss)
+    dz_ptr,  # (C, V) out, input dtype: d loss / d logits, row stride stride_dz
+    C, V, D, call_id, stride_h, stride_w, stride_dz,
+    PLAIN: tl.constexpr,  # strategy "none": every row's softmax includes <CALL>
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    # One (BLOCK_N, BLOCK_V) tile per program, in grouped order (weight tiles shared in L2).
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < C
+    col_ok = cols < V
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
+
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    if not PLAIN:  # an ordinary row's softmax excludes <CALL>; a CALL row's includes it
+        drop = (cols[None, :] == call_id) & (tgt[:, None] != call_id)
+        p = tl.where(drop, 0.0, p)
+    dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
+    dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _matmul_tn_acc_kernel(
+    a_ptr,  # (K, M) input dtype: the chunk's dz (K = rows, M = V), row stride stride_a
+    b_ptr,  # (K, P) input dtype: the chunk's hidden states (P = D), row stride stride_b
+    c_ptr,  # (M, P) fp32 in/out: grad_weight accumulator, c += a^T @ b, row stride stride_c
+    K, M, P, stride_a, stride_b, stride_c,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    # A plain GEMM (a transposed on load) whose epilogue adds into an fp32 buffer: every
+    # output tile belongs to one program, so no atomics and a deterministic result.
+    pid_m, pid_p = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(P, BLOCK_P), GROUP_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_ok = offs_m < M
+    p_ok = offs_p < P
+    acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        k_rows = kk.to(tl.int64)[:, None]
+        a = tl.load(a_ptr + k_rows * stride_a + offs_m[None, :], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + k_rows * stride_b + offs_p[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        acc = _dot(tl.trans(a), b, acc, DOT_PRECISION, DOT_UPCAST)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_c + offs_p[None, :]
+    c_ok = m_ok[:, None] & p_ok[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_ok, other=0.0) + acc, mask=c_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Host launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    """True when the kernels above run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    if not HAS_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_lacy_ce_fwd_kernel, InterpretedFunction)
+
+
+# Launch settings, pinned per target. Untuned defaults chosen from first principles (no
+# GPU was available when they were written); LACY_FAST_AUTOTUNE=1 searches the lists below.
+# Logit tiles (forward and dlogits), (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages):
+# - a 128 x 128 fp32 accumulator is 64 KiB of registers: 8 warps hold it at 64 registers a
+#   thread, leaving room for the exp/max/sum epilogue; 128-wide tiles feed Hopper's wgmma
+#   (M = 64 per warpgroup) and Ampere's mma.sync at full rate;
+# - shared memory per pipeline stage is (BLOCK_N + BLOCK_V) * BLOCK_D * bytes: 32 KiB for
+#   16-bit inputs at BLOCK_D = 64. Hopper (227 KiB) takes 4 stages; A100 (163 KiB) and
+#   consumer Ampere/Ada (99 KiB) take BLOCK_D = 32 and 4 stages = 64 KiB;
+# - fp32 inputs halve BLOCK_D so a stage stays the same size.
+# Checked without a GPU (tests/test_lacy_ce_compile.py compiles for sm_90a and sm_80 and
+# reads ptxas -v): 16-bit tiles are pipelined (cp.async, 4 buffers = 128 KiB on sm_90a,
+# wgmma), the forward uses 254-255 registers a thread (one CTA per SM, like a GEMM), the
+# dlogits and weight-gradient kernels 128-186, and nothing spills. fp32 tiles run on FMA
+# units ("ieee", torch's default) or TF32 mma and the forward spills a few dozen bytes:
+# fp32 is for checking, bf16 for training. Speed is unmeasured: no GPU was at hand.
+# The interpreter runs one program at a time in numpy: small tiles there make the tests
+# walk every loop (several row blocks, vocabulary tiles, D steps, splits) at tiny shapes.
+_LOGIT_TILES = {
+    "hopper": {2: (128, 128, 64, 8, 4), 4: (128, 128, 32, 8, 4)},
+    "ampere": {2: (128, 128, 32, 8, 4), 4: (128, 128, 16, 8, 4)},
+    "interpreter": {2: (16, 64, 16, 1, 1), 4: (16, 64, 16, 1, 1)},
+}
+# The fp32-accumulating weight-gradient GEMM, (BLOCK_M, BLOCK_P, BLOCK_K, num_warps,
+# num_stages): the classic 128 x 128 output tile, same shared-memory budget per stage.
+_GEMM_TILES = {
+    "hopper": {2: (128, 128, 64, 8, 4), 4: (128, 128, 32, 8, 4)},
+    "ampere": {2: (128, 128, 32, 8, 4), 4: (128, 128, 16, 8, 4)},
+    "interpreter": {2: (16, 32, 16, 1, 1), 4: (16, 32, 16, 1, 1)},
+}
+_GROUP = 8  # row blocks that sweep the vocabulary together (L2 reuse of weight tiles)
+_WAVES = 2  # forward programs per SM wanted before splitting the vocabulary further
+
+
+def _target(device: torch.device) -> str:
+    if _interpreted():
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "hopper" if major >= 9 else "ampere"
+
+
+def _dot_consts(dtype: torch.dtype) -> dict[str, object]:
+    """DOT_PRECISION: fp32 inputs honour torch's TF32 switch (16-bit inputs ignore it);
+    DOT_UPCAST: see ``_dot``."""
+    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return {"DOT_PRECISION": "tf32" if tf32 else "ieee", "DOT_UPCAST": dtype == torch.bfloat16 and _interpreted()}
+
+
+def _num_sms(device: torch.device) -> int:
+    if _interpreted():
+        return 3  # any small number: makes the tests use several vocabulary splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _autotuning() -> bool:
+    return os.environ.get(AUTOTUNE_ENV) == "1" and not _interpreted()
+
+
+# The candidates LACY_FAST_AUTOTUNE=1 searches, (block, block, block, warps, stages) in the
+# order of each kernel's BLOCK_* arguments; configurations that do not fit are skipped by
+# the autotuner. Results are cached per (key, dtypes) for the life of the process.
+_TUNE_LISTS = {
+    "logits": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 5),
+               (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 16, 8, 4)],
+    "gemm": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+             (128, 128, 32, 8, 5), (128, 128, 32, 8, 4), (128, 128, 16, 8, 4)],
+}
+_TUNED: dict[str, object] = {}
+
+
+def _launch(kernel, blocks, pinned, grid, args, consts, *, key, tune_list, **tune_kwargs):
+    """Launch ``kernel`` with the pinned settings, or through triton.autotune when switched on.
+
+    blocks: the kernel's three BLOCK_* argument names; pinned: their values + warps, stages;
+    grid: meta -> grid tuple; consts: the other constexpr arguments.
+    """
+    if _autotuning():
+        name = kernel.fn.__name__
+        if name not in _TUNED:
+            configs = [triton.Config(dict(zip(blocks, c[:3])), num_warps=c[3], num_stages=c[4])
+                       for c in _TUNE_LISTS[tune_list]]
+            _TUNED[name] = triton.autotune(configs=configs, key=key, **tune_kwargs)(kernel)
+        _TUNED[name][grid](*args, **consts)
+        return
+    meta = dict(zip(blocks, pinned[:3]))
+    kernel[grid(meta)](*args, **consts, **meta, num_warps=pinned[3], num_stages=pinned[4])
+
+
+def _tiles(table: dict, tensor: torch.Tensor) -> tuple[int, ...]:
+    return table[_target(tensor.device)][4 if tensor.element_size() == 4 else 2]
+
+
+def row_stats_triton(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_nc, z_call, z_target), each (N,) fp32, without writing any logits.
+
+    Napkin math (N rows, D width, V vocabulary, e bytes per input element):
+      FLOPs      2 N V D for the logit tiles (tensor cores) + ~6 N V for the epilogue
+                 (compare, select, exp, max, sum on the FMA/SFU units, hidden under the
+                 matmul when D >= 256).
+      HBM bytes  (N D + V D) e at least (each operand once); every program re-reads its
+                 hidden block per vocabulary tile and the weight per row block from L2:
+                 N D e V / BLOCK_V + V D e N / BLOCK_N bytes of L2 traffic.
+      writes     4 N (2 S + 2) bytes of statistics (S vocabulary splits); no logits.
+      intensity  2 N V D / ((N + V) D e) = 2 N V / ((N + V) e) FLOP/B: ~10,800 at N = 16384,
+                 V = 32064, bf16 -> compute bound; e.g. N = 16384, D = 1024: 1.08 TFLOP,
+                 ~1.6 ms at 700 TFLOP/s of bf16.
+    Parallelism: N / BLOCK_N row blocks times S splits, S chosen so the grid fills about
+    _WAVES programs per SM: N = 4096 gives 32 row blocks, so 9 splits on 132 SMs.
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    h, w = hidden.contiguous(), weight.contiguous()
+    tiles = _tiles(_LOGIT_TILES, h)
+    # Splits are fixed before autotuning picks tiles (the partial buffers depend on them);
+    # the kernel spreads whole vocabulary tiles over them, leaving late splits empty if needed.
+    n_splits = max(1, min(triton.cdiv(_WAVES * _num_sms(device), triton.cdiv(n, tiles[0])),
+                          triton.cdiv(vocab, tiles[1])))
+    m = torch.empty((n_splits, n), dtype=torch.float32, device=device)
+    s = torch.empty_like(m)
+    z_target = torch.zeros(n, dtype=torch.float32, device=device)
+    z_call = torch.zeros_like(z_target)
+    if n:
+        _launch(_lacy_ce_fwd_kernel, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), tiles,
+                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,),
+                (h, w, targets, m, s, z_target, z_call, n, vocab, d, call_id, n_splits, h.stride(0), w.stride(0)),
+                _dot_consts(h.dtype),
+                key=["N", "V", "D"], tune_list="logits")
+    lse_nc = torch.logsumexp(m + torch.log(s), dim=0)  # (N,) combine the splits; log(0) = -inf is fine
+    return lse_nc, z_call, z_target
+
+
+def grads_triton(
+    grad_loss: torch.Tensor,  # () upstream gradient of the loss
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_lse: torch.Tensor,
+    row_target: torch.Tensor,
+    row_coef: torch.Tensor,
+    call_id: int,
+    plain: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight), recomputing the logits one chunk of rows at a time.
+
+    Per chunk of C rows: the dlogits kernel recomputes the (C, V) logit tiles and writes
+    dz in the input dtype; grad_hidden[chunk] = dz @ W (cuBLAS, fp32 accumulation, written
+    once); grad_weight += dz^T @ h_chunk (Triton, fp32 accumulator). Why a dz buffer and
+    not atomics: fusing both products into the dlogits kernel needs fp32 atomic adds of
+    N D V / BLOCK_V + V D N / BLOCK_N elements (8.4e9 at N = 16384, D = 1024, V = 32064,
+    128 x 128 tiles: ~34 GB of L2 atomic traffic) beside 2.2 TFLOP of useful matmul; a
+    chunk of dz costs C V e bytes written once and read twice instead, runs both products
+    as plain GEMMs, and is deterministic (no atomic ordering).
+
+    Napkin math (N, D, V, e as in ``row_stats_triton``; C rows per chunk):
+      FLOPs      6 N V D: recompute, dz @ W, dz^T @ h (3 x 1.08 TFLOP at N = 16384, D = 1024)
+      HBM bytes  dz: 3 N V e (write + two reads: 3.2 GB at N = 16384 in bf16, ~1 ms);
+                 grad_weight accumulator: 8 V D per chunk (read + write);
+                 operands: (C D + V D) e per chunk and product.
+      memory     C V e (dz chunk) + 4 V D (fp32 accumulator) + the outputs; C V ~ max(N, V) D
+                 (``chunk_rows``), so the extra memory is O(N D + V D), never O(N V).
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    h, w = hidden.contiguous(), weight.contiguous()
+    dot = _dot_consts(h.dtype)
+    row_w = (row_coef * grad_loss).to(torch.float32)  # (N,)
+    grad_hidden = torch.empty_like(h)
+    grad_weight = torch.zeros((vocab, d), dtype=torch.float32, device=h.device)
+    step = chunk_rows(n, d, vocab)
+    dz = torch.empty((min(step, n), vocab), dtype=h.dtype, device=h.device)  # reused by every chunk
+    for start in range(0, n, step):
+        rows = min(step, n - start)
+        hc, dzc = h[start:start + rows], dz[:rows]
+        _launch(_lacy_ce_dlogits_kernel, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), _tiles(_LOGIT_TILES, h),
+                lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),),  # noqa: B023
+                (hc, w, row_lse[start:], row_target[start:], row_w[start:], dzc,
+                 rows, vocab, d, call_id, hc.stride(0), w.stride(0), dzc.stride(0)),
+                {"PLAIN": plain, "GROUP_N": _GROUP, **dot},
+                key=["V", "D"], tune_list="logits")
+        torch.mm(dzc, w, out=grad_hidden[start:start + rows])
+        _launch(_matmul_tn_acc_kernel, ("BLOCK_M", "BLOCK_P", "BLOCK_K"), _tiles(_GEMM_TILES, h),
+                lambda meta: (triton.cdiv(vocab, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_P"]),),
+                (dzc, hc, grad_weight, rows, vocab, d, dzc.stride(0), hc.stride(0), grad_weight.stride(0)),
+                {"GROUP_M": _GROUP, **dot},
+                key=["M", "P"], tune_list="gemm", restore_value=["c_ptr"])
+    return grad_hidden, grad_weight.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The ops: torch.library custom ops with fake implementations and autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _row_stats(hidden, weight, targets, call_id, impl):
+    if impl == "triton":
+        return row_stats_triton(hidden, weight, targets, call_id)
+    return row_stats_chunked(hidden, weight, targets, call_id)
+
+
+@torch.library.custom_op("lacy_fast::lacy_ce_fwd", mutates_args=())
+def _lacy_ce_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    flags: torch.Tensor,
+    ref_nll: torch.Tensor | None,
+    call_id: int,
+    strategy: str,
+    call_fraction: float,
+    ignore_index: int,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, nll, is_call, p_call, row_lse, row_target, row_coef); the last three feed the backward."""
+    lse_nc, z_call, z_target = _row_stats(hidden, weight, targets, call_id, impl)
+    return finish_rows(lse_nc, z_call, z_target, targets, flags, weight.shape[0], call_id, strategy,
+                       call_fraction, ref_nll, ignore_index)
+
+
+@_lacy_ce_fwd.register_fake
+def _(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, ignore_index, impl):
+    n = hidden.shape[0]
+    sdt = stat_dtype(hidden.dtype)
+    row = hidden.new_empty(n, dtype=sdt)
+    return (hidden.new_empty((), dtype=sdt), row, hidden.new_empty(n, dtype=torch.bool), row.clone(),
+            row.clone(), hidden.new_empty(n, dtype=torch.int64), row.clone())
+
+
+@torch.library.custom_op("lacy_fast::lacy_ce_bwd", mutates_args=())
+def _lacy_ce_bwd(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    row_lse: torch.Tensor,
+    row_target: torch.Tensor,
+    row_coef: torch.Tensor,
+    call_id: int,
+    plain: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight) in the input dtypes."""
+    grads = grads_triton if impl == "triton" else grads_chunked
+    return grads(grad_loss, hidden, weight, row_lse, row_target, row_coef, call_id, plain)
+
+
+@_lacy_ce_bwd.register_fake
+def _(grad_loss, hidden, weight, row_lse, row_target, row_coef, call_id, plain, impl):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, _, _, _, call_id, strategy, _, _, impl = inputs
+    _, nll, _, p_call, row_lse, row_target, row_coef = output
+    ctx.save_for_backward(hidden, weight, row_lse, row_target, row_coef)
+    ctx.call_id, ctx.plain, ctx.impl = call_id, strategy == "none", impl
+    ctx.mark_non_differentiable(nll, p_call, row_lse, row_coef)  # the stats are not differentiated
+
+
+def _backward(ctx, grad_loss, *_):
+    hidden, weight, row_lse, row_target, row_coef = ctx.saved_tensors
+    grad_hidden, grad_weight = _lacy_ce_bwd(grad_loss, hidden, weight, row_lse, row_target, row_coef,
+                                            ctx.call_id, ctx.plain, ctx.impl)
+    return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+_lacy_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The public function
+# ----------------------------------------------------------------------------------------
+
+
+class LacyLossArgumentError(UserError, ValueError):
+    """An argument of lacy_linear_cross_entropy that cannot be used (the message says why)."""
+
+
+def lacy_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    flags: torch.Tensor,
+    call_id: int,
+    strategy: str = "lacy",
+    call_fraction: float = 0.6,
+    ref_nll: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LM head + LaCy loss without an (N, V) logits buffer (except ``impl="torch"``).
+
+    hidden   (N, D) float32 or bfloat16 (float16 too): final hidden states, flattened.
+    weight   (V, D) same dtype: the output head; V includes <CALL>.
+    targets  (N,) int64; ignore_index marks a position without a target (so do targets
+             outside [0, V) and targets equal to call_id; see lacy_ce_reference.py).
+    flags    (N,) uint8 (any integer dtype): bit 0 fact token, bit 1 judge label.
+    call_id  id of <CALL>.
+    strategy none | loss | spacy | lacy | rho | judge | ignore (DESIGN.md, "The method").
+    call_fraction  share of the candidates relabeled (lacy, loss, rho, ignore), floor'ed.
+    ref_nll  (N,) reference-model nll, required by "rho".
+    impl     "triton" (CUDA; CPU only under TRITON_INTERPRET=1), "chunked" (PyTorch, chunked
+             over tokens), "torch" (materialised reference), "auto" (triton on CUDA when
+             importable, else chunked).
+
+    Returns (loss, stats): loss is a float32 scalar, the mean over counted positions (0 with
+    zero gradients when none is counted), differentiable w.r.t. hidden and weight; stats
+    holds (N,) tensors "nll" (float32, -log(p(y) / (1 - p(CALL))), 0 without a target),
+    "is_call" (bool, the selected positions; for "ignore" the dropped ones) and "p_call"
+    (float32, p(CALL) under the full softmax), all detached. No host synchronisation: the
+    op runs inside CUDA graphs and under torch.compile(fullgraph=True).
+    """
+    impl = _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl)
+    if impl == "torch":
+        return lacy_ce_torch(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll,
+                             ignore_index)
+    loss, nll, is_call, p_call, *_ = _lacy_ce_fwd(hidden, weight, targets, flags,
+                                                  ref_nll if strategy == "rho" else None, call_id, strategy,
+                                                  float(call_fraction), ignore_index, impl)
+    return loss, {"nll": nll, "is_call": is_call, "p_call": p_call}
+
+
+def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl) -> str:
+    """Host-side checks of arguments and shapes (never of data); returns the resolved impl."""
+    def fail(message: str):
+        raise LacyLossArgumentError(message)
+
+    if strategy not in STRATEGIES:
+        fail(f"strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if impl not in IMPLS:
+        fail(f"impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
+    if not 0.0 <= float(call_fraction) <= 1.0:
+        fail(f"call_fraction is {call_fraction!r}; it must lie in [0, 1]")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        fail(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N, D) and (V, D); "
+             "flatten the batch and sequence dimensions of hidden")
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if targets.shape != (n,) or flags.shape != (n,):
+        fail(f"targets {tuple(targets.shape)} and flags {tuple(flags.shape)} must both be ({n},), one per row of hidden")
+    if targets.dtype != torch.int64 or flags.dtype.is_floating_point or flags.dtype == torch.bool:
+        fail(f"targets must be int64 and flags an integer tensor; got {targets.dtype} and {flags.dtype}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16,
+                                                            torch.float64):
+        fail(f"hidden and weight must share a float dtype (float32, bfloat16); got {hidden.dtype} and {weight.dtype}")
+    if not 0 <= call_id < vocab:
+        fail(f"call_id {call_id} is outside the vocabulary of {vocab} rows of weight")
+    tensors = [hidden, weight, targets, flags]
+    if strategy == "rho":
+        if ref_nll is None:
+            fail('strategy "rho" needs ref_nll, the reference model\'s (N,) nll of every position')
+        if ref_nll.shape != (n,) or not ref_nll.dtype.is_floating_point:
+            fail(f"ref_nll must be a float tensor of shape ({n},); got {ref_nll.dtype} {tuple(ref_nll.shape)}")
+        tensors.append(ref_nll)
+    if len({t.device for t in tensors}) != 1:
+        fail("hidden, weight, targets, flags (and ref_nll) must be on the same device")
+    if impl == "auto":
+        return "triton" if hidden.is_cuda and HAS_TRITON else "chunked"
+    if impl == "triton":
+        if not HAS_TRITON:
+            fail('impl="triton" needs the triton package; install it or use impl="chunked"')
+        if hidden.dtype == torch.float64:
+            fail('impl="triton" takes float32, bfloat16 or float16 inputs; use impl="torch" for float64')
+        if not hidden.is_cuda and not _interpreted():
+            fail('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, '
+                 'to run the kernels on CPU); use impl="chunked" on CPU')
+    return impl
