@@ -127,3 +127,30 @@ def test_flash_backend_without_flash_attn_is_a_user_error():
         pytest.skip("flash-attn is installed")
     with pytest.raises(UserError, match="flash-attn is not installed"):
         tiny(attention="flash")
+
+
+@pytest.mark.parametrize("strategy", ["lacy", "none"])
+def test_gradcheck_model_with_the_lacy_op(strategy):
+    """Finite differences of the whole model + fused loss (chunked path, float64) against
+    autograd, every parameter at once through torch.func.functional_call."""
+    from torch.func import functional_call
+
+    from lacy_fast.kernels import lacy_linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(preset="tiny", n_layer=1, n_head=2, d_model=8, max_seq_len=16, vocab_size=37)).double()
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in model.named_parameters())
+    idx = torch.randint(3, 37, (2, 7))
+    targets = torch.randint(3, 37, (2, 7)).flatten()
+    targets[3] = -100
+    flags = (torch.arange(14) % 3 == 0).to(torch.uint8)
+
+    def loss_of(*ps):
+        state = dict(zip(names, ps))
+        hidden = functional_call(model, state, (idx,))
+        loss, _ = lacy_linear_cross_entropy(hidden.flatten(0, 1), state["wte.weight"], targets, flags, call_id=2,
+                                            strategy=strategy, call_fraction=0.5, impl="chunked")
+        return loss
+
+    assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-7, rtol=1e-5)
