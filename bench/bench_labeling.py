@@ -53,7 +53,7 @@ def real_english(n: int) -> list[str]:
 
 
 def synthetic(n: int) -> list[str]:
-    return [text for _, text, _ in synth.generate(n, seed=0, heldout=0.0)]
+    return [texts[0] for _, texts, _ in synth.generate(n, seed=0, heldout=0.0)]
 
 
 def timed_labels(labeler: FactLabeler, texts: list[str]) -> tuple[list, float, int]:

@@ -145,7 +145,7 @@ def test_first_subword_mode_flags_one_token_per_word(tok, labeler):
 
 def test_label_batch_is_pure_across_batching(labeler):
     """The online prefetcher labels other batch compositions: the result must not change."""
-    texts = [t for _, t, _ in generate(12, seed=4, heldout=0.0)] + TRICKY
+    texts = [ts[0] for _, ts, _ in generate(12, seed=4, heldout=0.0)] + TRICKY
     together = labeler.label_batch(texts)
     alone = [labeler.label_batch([t])[0] for t in reversed(texts)][::-1]
     for (a_ids, a_f), (b_ids, b_f) in zip(together, alone):
@@ -155,7 +155,7 @@ def test_label_batch_is_pure_across_batching(labeler):
 def test_tag_lookup_agrees_with_the_full_pipeline(tok, labeler):
     full = FactLabeler(LabelConfig(), tok, load_spacy(full=True))
     assert "attribute_ruler" in full.nlp.pipe_names and full.tags is None
-    texts = [t for _, t, _ in generate(40, seed=5, heldout=0.0)] + TRICKY
+    texts = [ts[0] for _, ts, _ in generate(40, seed=5, heldout=0.0)] + TRICKY
     assert agreement(labeler.label_batch(texts), full.label_batch(texts)) == 1.0
 
 

@@ -78,3 +78,24 @@ def test_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lacy_fast.cli", "synth", "--out", str(tmp_path / "s"),
                            "--people", "0"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_several_renderings_state_the_same_facts_differently(tmp_path):
+    out = tmp_path / "r"
+    counts = synth.write(out, 40, seed=2, renderings=3)
+    texts = [json.loads(line)["text"] for line in (out / "corpus.jsonl").open()]
+    people = [json.loads(line) for line in (out / "facts.jsonl").open()]
+    held = {json.loads(line)["id"]: json.loads(line)["text"] for line in (out / "heldout.jsonl").open()}
+    assert counts["documents"] == len(texts) == 120 and len(people) == 40
+    # Rendering 0 is the single-rendering corpus, byte for byte.
+    synth.write(tmp_path / "one", 40, seed=2)
+    assert [json.loads(line)["text"] for line in (tmp_path / "one" / "corpus.jsonl").open()] == texts[:40]
+    for p in people:
+        renderings = [texts[p["id"] + 40 * r] for r in range(3)]
+        assert len(set(renderings)) == 3
+        for text in renderings:
+            assert all(value in text for value in p["facts"].values())
+        if p["id"] in held:  # held-out text repeats no fact sentence of any rendering
+            for sentence in re.split(r"(?<=\.) ", held[p["id"]]):
+                if any(v in sentence for v in p["facts"].values()):
+                    assert all(sentence not in text for text in renderings), sentence

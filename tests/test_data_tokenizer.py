@@ -23,7 +23,7 @@ TRICKY = [
 
 def train_small(directory, seed: int) -> Tokenizer:
     """A 400-piece tokenizer of 300 synthetic biographies (other data test files use it too)."""
-    texts = [t for _, t, _ in generate(300, seed=seed, heldout=0.0)]
+    texts = [ts[0] for _, ts, _ in generate(300, seed=seed, heldout=0.0)]
     return Tokenizer.train(texts, TokenizerConfig(vocab_size=400), directory / "t.model")
 
 
@@ -86,7 +86,7 @@ def test_load_refuses_bad_files(tmp_path, tok):
     junk.write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a SentencePiece model"):
         Tokenizer.load(junk)
-    texts = [t for _, t, _ in generate(100, seed=2, heldout=0.0)]
+    texts = [ts[0] for _, ts, _ in generate(100, seed=2, heldout=0.0)]
     plain = tmp_path / "plain"  # default SentencePiece settings: no <CALL>, NFKC
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(plain), vocab_size=300,
                                    minloglevel=2)

@@ -228,10 +228,12 @@ def make_people(n: int, seed: int) -> list[Person]:
     return people
 
 
-def render(person: Person, rng: random.Random, avoid: dict[str, int] | None = None) -> tuple[str, dict[str, int]]:
+def render(person: Person, rng: random.Random,
+           avoid: dict[str, set[int]] | None = None) -> tuple[str, dict[str, int]]:
     """A biography of ``person`` and the template index chosen per attribute.
 
-    With ``avoid`` (the choices of another rendering), every attribute takes another template.
+    With ``avoid`` (the templates of other renderings, per attribute), every attribute takes
+    another template where one is left.
     """
     attrs = [a for a in ATTRIBUTES if a in person.facts]
     rng.shuffle(attrs)
@@ -241,8 +243,8 @@ def render(person: Person, rng: random.Random, avoid: dict[str, int] | None = No
     slots = sorted(rng.sample(range(1, len(attrs) + 1), k=len(fillers)))  # filler positions, never first
     he = person.pronoun
     for pos, attr in enumerate(attrs):
-        options = [k for k in range(len(TEMPLATES[attr])) if avoid is None or k != avoid[attr]]
-        k = rng.choice(options)
+        options = [k for k in range(len(TEMPLATES[attr])) if avoid is None or k not in avoid[attr]]
+        k = rng.choice(options or range(len(TEMPLATES[attr])))
         choices[attr] = k
         subject = person.name if pos == 0 else rng.choice((he, he, he, person.surname, person.name))
         sentences.append(_fill(TEMPLATES[attr][k], subject, person, person.facts[attr]))
@@ -262,30 +264,49 @@ def _fill(template: str, subject: str, person: Person, value: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def generate(n: int, seed: int, heldout: float = 0.1) -> Iterator[tuple[Person, str, str | None]]:
-    """(person, corpus text, held-out text or None) for each of ``n`` people."""
+def generate(n: int, seed: int, heldout: float = 0.1,
+             renderings: int = 1) -> Iterator[tuple[Person, list[str], str | None]]:
+    """(person, its ``renderings`` corpus texts, held-out text or None) for each of ``n`` people.
+
+    Several renderings state the same facts through different templates and fillers: the
+    repetition a model needs to memorise facts in a short (CPU-sized) run. The held-out
+    text avoids every template the corpus renderings used, as far as templates last.
+    """
     step = round(1 / heldout) if heldout > 0 else 0
     for person in make_people(n, seed):
-        rng = random.Random(f"lacy-synth-text:{seed}:{person.id}")
-        text, choices = render(person, rng)
+        texts, used = [], {attr: set() for attr in person.facts}
+        for r in range(renderings):
+            key = f"lacy-synth-text:{seed}:{person.id}" + (f":{r}" if r else "")
+            text, choices = render(person, random.Random(key), avoid=used if r else None)
+            texts.append(text)
+            for attr, k in choices.items():
+                used[attr].add(k)
         other = None
         if step and person.id % step == 0:
-            other, _ = render(person, random.Random(f"lacy-synth-heldout:{seed}:{person.id}"), avoid=choices)
-        yield person, text, other
+            other, _ = render(person, random.Random(f"lacy-synth-heldout:{seed}:{person.id}"), avoid=used)
+        yield person, texts, other
 
 
-def write(out: str | Path, n: int = DEFAULT_PEOPLE, seed: int = 0, heldout: float = 0.1) -> dict[str, int]:
-    """Write corpus.jsonl, facts.jsonl and heldout.jsonl into ``out``, each atomically."""
+def write(out: str | Path, n: int = DEFAULT_PEOPLE, seed: int = 0, heldout: float = 0.1,
+          renderings: int = 1) -> dict[str, int]:
+    """Write corpus.jsonl, facts.jsonl and heldout.jsonl into ``out``, each atomically.
+
+    The corpus holds rendering 0 of every person, then rendering 1 of every person, and so on.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"people": 0, "heldout": 0, "facts": 0}
+    if renderings < 1:
+        raise UserError(f"renderings is {renderings}; it must be at least 1")
+    counts = {"people": 0, "heldout": 0, "facts": 0, "documents": 0}
+    extra: list[list[str]] = []
     with atomic_path(out / "corpus.jsonl") as c_tmp, atomic_path(out / "facts.jsonl") as f_tmp, \
             atomic_path(out / "heldout.jsonl") as h_tmp, open(c_tmp, "w", encoding="utf-8") as corpus, \
             open(f_tmp, "w", encoding="utf-8") as facts, open(h_tmp, "w", encoding="utf-8") as held:
-        for person, text, other in generate(n, seed, heldout):
-            corpus.write(json.dumps({"text": text}) + "\n")
+        for person, texts, other in generate(n, seed, heldout, renderings):
+            corpus.write(json.dumps({"text": texts[0]}) + "\n")
+            extra.append(texts[1:])
             facts.write(json.dumps({"id": person.id, "name": person.name, "pronoun": person.pronoun,
                                     "facts": person.facts}) + "\n")
             counts["people"] += 1
@@ -293,6 +314,10 @@ def write(out: str | Path, n: int = DEFAULT_PEOPLE, seed: int = 0, heldout: floa
             if other is not None:
                 held.write(json.dumps({"id": person.id, "text": other}) + "\n")
                 counts["heldout"] += 1
+        for r in range(renderings - 1):
+            for texts in extra:
+                corpus.write(json.dumps({"text": texts[r]}) + "\n")
+        counts["documents"] = counts["people"] * renderings
     return counts
 
 
@@ -300,6 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--people", type=int, default=DEFAULT_PEOPLE, help=f"people to invent (default {DEFAULT_PEOPLE})")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
+    parser.add_argument("--renderings", type=int, default=1,
+                        help="biographies per person in the corpus, each through other templates (default 1)")
     parser.add_argument("--heldout", type=float, default=0.1,
                         help="share of people who also get a held-out rendering (default 0.1)")
 
@@ -309,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--people is {args.people}; it must be > 0")
     if not 0.0 <= args.heldout <= 1.0:
         raise UserError(f"--heldout is {args.heldout}; it must lie in [0, 1]")
-    counts = write(args.out, args.people, args.seed, args.heldout)
-    print(f"wrote {counts['people']} biographies ({counts['facts']} facts) and {counts['heldout']} held-out "
-          f"renderings to {args.out}")
+    counts = write(args.out, args.people, args.seed, args.heldout, args.renderings)
+    print(f"wrote {counts['documents']} biographies of {counts['people']} people ({counts['facts']} facts) and "
+          f"{counts['heldout']} held-out renderings to {args.out}")
     return 0
