@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -128,7 +129,8 @@ class HFBig:
         self.name = str(path)
         self.max_word_tokens = max_word_tokens
         config = model.config
-        self.max_positions = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.max_positions = int(limit) if limit else sys.maxsize  # e.g. no learned positions: no limit
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         self.device = next(model.parameters()).device
@@ -158,7 +160,7 @@ class HFBig:
         self.past: Any = None
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)  # (B, S) 1 = cached token
         self.n_pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) real tokens cached
-        self.logits = torch.zeros(batch, self.model.config.vocab_size, device=self.device)  # (B, V) next token
+        self.logits: torch.Tensor | None = None  # (B, V) next-token logits after each row's last cached token
         self.read = [""] * batch  # the text each row's cached tokens spell
         self.started = [False] * batch
         self.stopped = [False] * batch  # out of positions (or out of step with the SLM's text): declines
@@ -167,7 +169,9 @@ class HFBig:
         idx = torch.tensor(index, device=self.device)
         if self.past is not None:
             self.past.batch_select_indices(idx)
-        self.mask, self.n_pos, self.logits = self.mask[idx], self.n_pos[idx], self.logits[idx]
+        self.mask, self.n_pos = self.mask[idx], self.n_pos[idx]
+        if self.logits is not None:
+            self.logits = self.logits[idx]
         self.read = [self.read[i] for i in index]
         self.started = [self.started[i] for i in index]
         self.stopped = [self.stopped[i] for i in index]
@@ -215,6 +219,7 @@ class HFBig:
         for _ in range(self.max_word_tokens):
             if not active:
                 break
+            assert self.logits is not None  # rows that started have been read: their logits are there
             tokens = self.logits[active].argmax(-1).tolist()
             feed: list[list[int]] = [[] for _ in range(len(self.read))]
             still = []
@@ -256,8 +261,11 @@ class HFBig:
                          use_cache=True)
         self.past, self.mask = out.past_key_values, mask
         self.n_pos += block.sum(1)
-        fed = valid[:, -1]  # (B,)
-        self.logits[fed] = out.logits[fed, -1].float()
+        last = out.logits[:, -1].float()  # (B, V)
+        if self.logits is None:
+            self.logits = torch.zeros_like(last)
+        fed = valid[:, -1]  # (B,) left padding: a row with new tokens has its last one in the last slot
+        self.logits[fed] = last[fed]
 
 
 class OracleBig:

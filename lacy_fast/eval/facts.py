@@ -23,10 +23,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from lacy_fast.data.synth import ATTRIBUTES
 from lacy_fast.errors import UserError
 
+_FACTS = "the facts.jsonl written by `lacy-fast synth`"  # what to pass instead of a bad facts file
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; values hold nothing else between their spaces
 
 
@@ -70,16 +72,9 @@ class FactTable:
     @classmethod
     def read(cls, path: str | Path) -> "FactTable":
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"facts file {path} does not exist; pass the facts.jsonl written by `lacy-fast synth`")
-        people = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                people.append(_person(line, path, n))
+        people = [_person(line, path, n) for n, line in _lines(path, "facts file", _FACTS)]
         if not people:
-            raise UserError(f"facts file {path} is empty; pass the facts.jsonl written by `lacy-fast synth`")
+            raise UserError(f"facts file {path} is empty; pass {_FACTS}")
         return cls(people, path)
 
     def extract(self, text: str) -> list[StatedFact]:
@@ -112,24 +107,29 @@ class FactTable:
 def read_heldout(path: str | Path, table: FactTable) -> list[HeldOut]:
     """The held-out renderings of ``heldout.jsonl``, each with its person from ``table``."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"held-out file {path} does not exist; pass --heldout (heldout.jsonl of `lacy-fast synth`)")
     out = []
+    for n, line in _lines(path, "held-out file", "--heldout (heldout.jsonl of `lacy-fast synth`)"):
+        try:
+            row = json.loads(line)
+            pid, text = row["id"], row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{n} is not a held-out row {{\"id\", \"text\"}}; pass heldout.jsonl of "
+                            "`lacy-fast synth`")
+        if pid not in table.by_id:
+            raise UserError(f"{path}:{n} is about person {pid}, who is not in {table.path}; pass the facts.jsonl "
+                            "written together with this held-out file")
+        out.append(HeldOut(table.by_id[pid], text))
+    return out
+
+
+def _lines(path: Path, what: str, fix: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a JSONL file (``what``, ``fix``: for the error)."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; pass {fix}")
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pid, text = row["id"], row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a held-out row {{\"id\", \"text\"}}; pass heldout.jsonl of "
-                                "`lacy-fast synth`")
-            if pid not in table.by_id:
-                raise UserError(f"{path}:{n} is about person {pid}, who is not in {table.path}; pass the facts.jsonl "
-                                "written together with this held-out file")
-            out.append(HeldOut(table.by_id[pid], text))
-    return out
+            if line.strip():
+                yield n, line
 
 
 def value_spans(text: str, person: Person) -> dict[str, tuple[int, int]]:
@@ -143,8 +143,7 @@ def value_spans(text: str, person: Person) -> dict[str, tuple[int, int]]:
 
 
 def _person(line: str, path: Path, n: int) -> Person:
-    hint = ("is not a row of the built-in fact table ({\"id\", \"name\", \"pronoun\", \"facts\"}); pass the "
-            "facts.jsonl written by `lacy-fast synth`")
+    hint = f"is not a row of the built-in fact table ({{\"id\", \"name\", \"pronoun\", \"facts\"}}); pass {_FACTS}"
     try:
         row = json.loads(line)
         person = Person(int(row["id"]), str(row["name"]), str(row.get("pronoun", "")), dict(row["facts"]))

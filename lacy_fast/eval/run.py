@@ -49,7 +49,7 @@ from lacy_fast.cascade.slm import ExportedModel, load_model, resolve_device
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.eval.factscore import factscore, prompt_for, score_generation
-from lacy_fast.eval.facts import FactTable, HeldOut, read_heldout
+from lacy_fast.eval.facts import FactTable, HeldOut, Person, read_heldout
 from lacy_fast.eval.heldout import call_stats, perplexity, score_texts
 from lacy_fast.eval.leakage import leakage
 from lacy_fast.eval.plots import plot_sweep
@@ -139,8 +139,8 @@ def sweep(slm: SlmLike, big: BigLike, facts_path: str | Path, *, budgets: tuple[
     return points
 
 
-def _generate(slm: ExportedModel, big: BigModel | None, cfg: CascadeConfig, people: list, device: torch.device | str,
-              progress: bool, label: str = "eval generate") -> list[Generation]:
+def _generate(slm: ExportedModel, big: BigModel | None, cfg: CascadeConfig, people: list[Person],
+              device: torch.device | str, progress: bool, label: str = "eval generate") -> list[Generation]:
     bar = Progress(label, total=len(people), unit="people", enabled=progress)
     generations = Cascade(slm, big, cfg, device).generate([prompt_for(p) for p in people], bar)
     bar.close()
