@@ -16,7 +16,8 @@ first catches up, in one batched forward, with the tokens every row gained since
 call (all rows, not only the calling ones: one cache for the batch keeps a single length,
 and calls are frequent enough at realistic budgets that rows would need reading soon
 anyway), left-padded as a block whose padding the attention masks out. Rows that ran past
-a big model's context are declined from then on.
+a big model's context are declined from then on. The methods run under
+``torch.inference_mode`` themselves, so the state they keep is never part of a graph.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class LacyBig:
         self.big = big
         self.name = str(big.path)
 
+    @torch.inference_mode()
     def begin(self, tokenizer: Tokenizer, prompts: list[str], contexts: list[list[int]]) -> None:
         if tokenizer.sha256 != self.big.tokenizer.sha256:
             raise UserError(f"big model {self.big.path} was trained with another tokenizer than the SLM; a lacy-fast "
@@ -74,6 +76,7 @@ class LacyBig:
         self.hidden = torch.zeros(batch, model.cfg.d_model, device=model.wte.weight.device,
                                   dtype=model.wte.weight.dtype)  # (B, D) after each row's last fed token
 
+    @torch.inference_mode()
     def propose(self, calling: list[int], contexts: list[list[int]]) -> list[list[int] | None]:
         model = self.big.model
         limit = model.cfg.max_seq_len
@@ -91,6 +94,7 @@ class LacyBig:
         tokens = logits.argmax(-1).tolist()
         return [[t] if self.seen[r] == len(contexts[r]) else None for r, t in zip(calling, tokens)]
 
+    @torch.inference_mode()
     def keep(self, index: list[int]) -> None:
         self.cache.reorder(torch.tensor(index, device=self.hidden.device))
         self.hidden = self.hidden[index]
@@ -154,6 +158,7 @@ class HFBig:
                             "LM and its tokenizer (save_pretrained of both)")
         return cls(model.to(device).eval(), tokenizer, Path(path), max_word_tokens)
 
+    @torch.inference_mode()
     def begin(self, tokenizer: Tokenizer, prompts: list[str], contexts: list[list[int]]) -> None:
         batch = len(contexts)
         self.slm_tok = tokenizer
@@ -165,6 +170,7 @@ class HFBig:
         self.started = [False] * batch
         self.stopped = [False] * batch  # out of positions (or out of step with the SLM's text): declines
 
+    @torch.inference_mode()
     def keep(self, index: list[int]) -> None:
         idx = torch.tensor(index, device=self.device)
         if self.past is not None:
@@ -176,6 +182,7 @@ class HFBig:
         self.started = [self.started[i] for i in index]
         self.stopped = [self.stopped[i] for i in index]
 
+    @torch.inference_mode()
     def propose(self, calling: list[int], contexts: list[list[int]]) -> list[list[int] | None]:
         unfinished = self._catch_up(contexts)
         words = self._next_words([r for r in calling if not (self.stopped[r] or unfinished[r]) and self.started[r]])
