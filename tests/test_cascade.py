@@ -1,5 +1,6 @@
 """Cascade generation: the cached, batched cascade against a naive re-encode-everything
 reference, token by token, for each call rule and each kind of big model."""
+import contextlib
 import json
 
 import pytest
@@ -22,6 +23,19 @@ THRESHOLD = 0.05  # p(CALL) of tiny_gpt spans ~1e-6..0.4: some steps call, most 
 
 
 # -- shared builders (test_eval.py uses them too) ------------------------------------------
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Train the tiny Hugging Face model on one thread: its ops are so small that OpenMP's
+    synchronisation dominates, and on a busy shared 2-core machine it made a 2 s fixture take 60 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 
 def tiny_gpt(tok, seed=0, d_model=32, n_layer=1, max_seq_len=128, call_scale=30.0) -> GPT:
@@ -380,13 +394,14 @@ def make_hf(directory, steps=150, n_layer=1):
     data = torch.tensor(hf_tok(" ".join(texts))["input_ids"])
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
-        batch = torch.stack([data[s:s + 65] for s in starts])
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with one_thread():
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
+            batch = torch.stack([data[s:s + 65] for s in starts])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.save_pretrained(directory)
     hf_tok.save_pretrained(directory)
     return directory

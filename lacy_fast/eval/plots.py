@@ -103,6 +103,7 @@ def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
         ax.set_xlim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-0.02, 1.02)
+    axes[1].set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out) as tmp:

@@ -51,8 +51,8 @@ def format_report(result: dict[str, Any], name: str = "slm") -> str:
         f"{_cell(gen['big_token_share'], '{:.1%}')} of tokens from the big model, "
         f"{gen['tokens_per_generation']:.1f} tokens per generation",
         f"held-out calls (rule {result['rule_heldout']}): rate {_cell(calls['call_rate'], '{:.1%}')}, recall of first "
-        f"value tokens {_cell(calls['recall_first'], '{:.3f}')}, mean p(CALL) {_cell(calls['mean_p_call_fact'], '{:.3f}')}"
-        f" on facts vs {_cell(calls['mean_p_call_other'], '{:.3f}')} elsewhere",
+        f"value tokens {_cell(calls['recall_first'], '{:.3f}')}, mean p(CALL) {_cell(calls['mean_p_call_fact'], '{:.3g}')}"
+        f" on facts vs {_cell(calls['mean_p_call_other'], '{:.3g}')} elsewhere",
         f"leakage: {leak['leaked']}/{leak['facts']} held-out facts reproduced with <CALL> forbidden; perplexity "
         f"{_cell(ppl['fact'], '{:.2f}')} on fact tokens, {_cell(ppl['other'], '{:.2f}')} elsewhere",
     ]
