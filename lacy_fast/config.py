@@ -448,3 +448,49 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(key, f"expects a string, got {value!r}")
     return value
+
+
+# ----------------------------------------------------------------------------------------
+# Cascade generation and evaluation
+# ----------------------------------------------------------------------------------------
+
+CALL_RULES = ("never", "argmax", "threshold", "budget")
+
+
+@dataclass
+class CascadeConfig(Config):
+    rule: str = doc("budget", "when the SLM calls the big model: never, CALL is the argmax, p(CALL) > threshold, "
+                    "or a running quantile of p(CALL) that calls on a `budget` share of steps", choices=CALL_RULES)
+    threshold: float = doc(0.5, "rule=threshold: call when p(CALL) exceeds this")
+    budget: float = doc(0.22, "rule=budget: target share of decoding steps that call (the paper deploys ~22%)")
+    budget_window: int = doc(4096, "rule=budget: the quantile is exact over the last this many p(CALL) values")
+    temperature: float = doc(0.0, "SLM sampling temperature (0: greedy)")
+    top_p: float = doc(1.0, "SLM nucleus sampling mass (temperature > 0 only)")
+    max_new_tokens: int = doc(64, "tokens generated per prompt at most (the big model's count too)")
+    batch_size: int = doc(64, "prompts decoded together (left-padded)")
+    max_word_tokens: int = doc(8, "Hugging Face big model: its tokens per handed-over word at most")
+    seed: int = doc(0, "seed of sampling (temperature > 0)")
+
+    def check(self) -> None:
+        self._fraction("threshold", "budget", "top_p")
+        self._non_negative("temperature")
+        self._positive("budget_window", "max_new_tokens", "batch_size", "max_word_tokens")
+        if self.top_p == 0.0:
+            raise ConfigError("top_p", "is 0, which keeps no token; use a value in (0, 1]")
+
+
+@dataclass
+class EvalConfig(Config):
+    people: int = doc(100, "held-out people evaluated (the first ones of heldout.jsonl)")
+    heldout_batch_size: int = doc(16, "held-out texts per teacher-forced forward (perplexity, calls, leakage)")
+    sweep: tuple[float, ...] = doc((0.0, 0.05, 0.1, 0.22, 0.35, 0.5, 0.75, 1.0),
+                                   "call budgets of the FactScore vs call-rate sweep")
+    samples: int = doc(3, "generations kept, with their called spans marked, in the result")
+    cascade: CascadeConfig = doc(CascadeConfig, "generation: call rule, lengths, batching")
+
+    def check(self) -> None:
+        self._positive("people", "heldout_batch_size")
+        self._non_negative("samples")
+        for b in self.sweep:
+            if not 0.0 <= b <= 1.0:
+                raise ConfigError("sweep", f"holds {b}; every budget must lie in [0, 1]")

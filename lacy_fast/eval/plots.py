@@ -4,6 +4,9 @@
 
 draws, per run, the loss, the loss on ground-truth targets, the loss on <CALL> targets
 and the call rate against the step, from each run's ``metrics.jsonl``.
+
+``plot_sweep`` draws the evaluation's FactScore vs call-rate curves (``lacy-fast eval
+--sweep``, ``lacy_fast.eval.run.sweep``), one line per model.
 """
 from __future__ import annotations
 
@@ -67,6 +70,41 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = 1)
     for ax in axes[1]:
         ax.set_xlabel("step")
     axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
+    """FactScore and supported facts per generation against the call rate, one line per curve.
+
+    ``curves``: name -> the points of ``lacy_fast.eval.run.sweep`` (each with ``call_rate``,
+    ``factscore``, ``supported_per_generation``). Points without a FactScore (no fact
+    stated) are left out of the first panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, points in curves.items():
+        points = sorted(points, key=lambda p: p["call_rate"])
+        scored = [p for p in points if p["factscore"] is not None]
+        axes[0].plot([p["call_rate"] for p in scored], [p["factscore"] for p in scored], marker="o", label=name,
+                     linewidth=1.4)
+        axes[1].plot([p["call_rate"] for p in points], [p["supported_per_generation"] for p in points], marker="o",
+                     label=name, linewidth=1.4)
+    for ax, title in zip(axes, ("FactScore (supported / stated)", "supported facts per generation")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("call rate (share of decoding steps that call)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[1].set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -1,0 +1,157 @@
+"""Teacher-forced measures on held-out text: perplexity and call precision / recall.
+
+One forward pass per held-out text gives, at every target position, everything the
+perplexity, the call statistics and the fact leakage (``leakage.py``) need, so the three
+cost one pass. Inference only, logits in fp32, computed per text so no (texts x tokens x
+vocabulary) tensor is held.
+
+Positions: the model reads EOS then the text (``slm.context_ids``: documents follow EOS in
+training) and predicts every text token and the closing EOS. A text longer than the
+model's context is cut to ``max_seq_len`` targets; the facts cut off are not scored
+(counted in ``truncated_facts``).
+
+Fact positions: each of the person's values is located in the held-out text (its first
+whole-word occurrence, ``facts.value_spans``); the target positions of its tokens (those
+whose characters overlap the value, leading whitespace excluded, as
+``Tokenizer.encode_with_offsets`` reports) are fact positions of that attribute.
+
+- Perplexity: exp of the mean renormalised NLL ``-log(p(y) / (1 - p(CALL)))`` over all
+  targets (a held-out text never has <CALL> as target, and the renormalisation is what the
+  LaCy objective trains, so models that call and models that don't are comparable); also
+  over fact and other positions apart.
+- Calls: at every position the call rule (``cascade/rules.py``) decides from p(CALL), as it
+  would in generation, positions fed in text order (the budget rule calibrates on them).
+  ``precision`` = calls at fact positions / calls, ``recall`` = calls at fact positions /
+  fact positions, ``recall_first`` = share of values whose first token is called (a call
+  there is enough for a big model that supplies the word or the value). The mean p(CALL)
+  on fact positions against the other positions shows how well the model separates them
+  whatever the rule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lacy_fast.cascade.rules import CallRule
+from lacy_fast.cascade.slm import ExportedModel
+from lacy_fast.eval.facts import HeldOut, value_spans
+from lacy_fast.progress import Progress
+
+
+@dataclass
+class TextScores:
+    """Per target position of one held-out text (all arrays (T,))."""
+
+    targets: np.ndarray  # int64 token ids
+    nll: np.ndarray  # float64 -log(p(y) / (1 - p(CALL)))
+    p_call: np.ndarray  # float32 p(CALL), full softmax
+    call_argmax: np.ndarray  # bool: <CALL> is the most likely token
+    greedy: np.ndarray  # int64 argmax with <CALL> excluded
+    spans: list[tuple[str, int, int]]  # (attribute, first, last + 1) target positions of each value
+    truncated_facts: int  # values past the context cut
+
+    @property
+    def fact(self) -> np.ndarray:
+        """(T,) bool: the position's target is a fact-value token."""
+        mask = np.zeros(len(self.targets), dtype=bool)
+        for _, lo, hi in self.spans:
+            mask[lo:hi] = True
+        return mask
+
+
+@torch.inference_mode()
+def score_texts(slm: ExportedModel, texts: list[HeldOut], *, batch_size: int = 16,
+                device: torch.device | str = "cpu", progress: Progress | None = None) -> list[TextScores]:
+    """One teacher-forced pass over each held-out text (batched by length, right-padded)."""
+    model, tok = slm.model, slm.tokenizer
+    limit = model.cfg.max_seq_len
+    items = []
+    for h in texts:
+        ids, starts, ends = tok.encode_with_offsets(h.text)
+        inputs = [tok.eos_id] + ids.tolist()  # context_ids(tok, h.text): EOS, then the text
+        targets = inputs[1:] + [tok.eos_id]
+        spans, cut = [], 0
+        for attr, (v_start, v_end) in value_spans(h.text, h.person).items():
+            inside = np.flatnonzero((starts < v_end) & (ends > v_start))  # token j is target position j
+            if len(inside) == 0:
+                continue
+            if inside[-1] >= limit:
+                cut += 1
+            else:
+                spans.append((attr, int(inside[0]), int(inside[-1]) + 1))
+        items.append((inputs[:limit], targets[:limit], sorted(spans, key=lambda s: s[1]), cut))
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    out: list[TextScores | None] = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(items[i][0]) for i in chunk)
+        # Right padding: causal attention never lets a real position see the padding after it.
+        ids = torch.full((len(chunk), width), tok.eos_id, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, : len(items[i][0])] = torch.tensor(items[i][0])
+        hidden = model(ids.to(device))  # (B, T, D)
+        for row, i in enumerate(chunk):
+            inputs, targets, spans, cut = items[i]
+            out[i] = _score_row(model.logits(hidden[row, : len(inputs)]).float(), targets, tok.call_id, spans, cut)
+        if progress is not None:
+            progress.update(len(chunk))
+    return [s for s in out if s is not None]
+
+
+def _score_row(logits: torch.Tensor, targets: list[int], call_id: int, spans: list[tuple[str, int, int]],
+               cut: int) -> TextScores:
+    """(T, V) fp32 logits of one text -> its per-position scores."""
+    y = torch.tensor(targets, device=logits.device)  # (T,)
+    p_call = torch.softmax(logits, -1)[:, call_id]  # (T,)
+    call_argmax = logits.argmax(-1) == call_id  # (T,)
+    masked = logits.clone()
+    masked[:, call_id] = float("-inf")
+    # log(p(y) / (1 - p(CALL))) is the log-softmax over the vocabulary without <CALL>.
+    nll = -torch.log_softmax(masked, -1).gather(1, y[:, None])[:, 0]  # (T,)
+    greedy = masked.argmax(-1)  # (T,)
+    return TextScores(np.asarray(targets, dtype=np.int64), nll.double().cpu().numpy(), p_call.cpu().numpy(),
+                      call_argmax.cpu().numpy(), greedy.cpu().numpy(), spans, cut)
+
+
+def perplexity(scores: list[TextScores]) -> dict[str, Any]:
+    """exp(mean renormalised NLL) over all targets, and over fact / other positions apart."""
+    nll = np.concatenate([s.nll for s in scores])
+    fact = np.concatenate([s.fact for s in scores])
+
+    def ppl(x: np.ndarray) -> float | None:
+        return math.exp(float(x.mean())) if len(x) else None
+
+    return {"perplexity": ppl(nll), "fact": ppl(nll[fact]), "other": ppl(nll[~fact]), "tokens": int(len(nll)),
+            "fact_tokens": int(fact.sum())}
+
+
+def call_stats(scores: list[TextScores], rule: CallRule) -> dict[str, Any]:
+    """The rule's calls at every held-out position against the fact positions."""
+    calls, facts, firsts = [], [], []
+    for s in scores:
+        decided = rule.decide(torch.from_numpy(s.p_call), torch.from_numpy(s.call_argmax)).numpy()  # (T,)
+        calls.append(decided)
+        facts.append(s.fact)
+        firsts += [bool(decided[lo]) for _, lo, _ in s.spans]
+    call = np.concatenate(calls)
+    fact = np.concatenate(facts)
+    p = np.concatenate([s.p_call for s in scores]).astype(np.float64)
+    hits = int((call & fact).sum())
+    precision = hits / int(call.sum()) if call.any() else None
+    recall = hits / int(fact.sum()) if fact.any() else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else None
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "recall_first": sum(firsts) / len(firsts) if firsts else None,
+        "call_rate": float(call.mean()) if len(call) else 0.0,
+        "fact_share": float(fact.mean()) if len(fact) else 0.0,
+        "mean_p_call_fact": float(p[fact].mean()) if fact.any() else None,
+        "mean_p_call_other": float(p[~fact].mean()) if (~fact).any() else None,
+        "positions": int(len(call)),
+    }
