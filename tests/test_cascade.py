@@ -1,6 +1,5 @@
 """Cascade generation: the cached, batched cascade against a naive re-encode-everything
 reference, token by token, for each call rule and each kind of big model."""
-import contextlib
 import json
 
 import pytest
@@ -23,18 +22,6 @@ THRESHOLD = 0.05  # p(CALL) of tiny_gpt spans ~1e-6..0.4: some steps call, most 
 
 
 # -- shared builders (test_eval.py uses them too) ------------------------------------------
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Train the tiny Hugging Face model on one thread: its ops are so small that OpenMP's
-    synchronisation dominates, and on a busy shared 2-core machine it made a 2 s fixture take 60 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 
@@ -380,7 +367,7 @@ def make_hf(directory, steps=150, n_layer=1):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    texts = [t for _, t, _ in synth.generate(200, seed=4, heldout=0.0)]
+    texts = [ts[0] for _, ts, _ in synth.generate(200, seed=4, heldout=0.0)]
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
@@ -394,14 +381,13 @@ def make_hf(directory, steps=150, n_layer=1):
     data = torch.tensor(hf_tok(" ".join(texts))["input_ids"])
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
-    with one_thread():
-        for _ in range(steps):
-            starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
-            batch = torch.stack([data[s:s + 65] for s in starts])
-            loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
+        batch = torch.stack([data[s:s + 65] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.save_pretrained(directory)
     hf_tok.save_pretrained(directory)
     return directory

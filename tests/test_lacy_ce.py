@@ -479,3 +479,24 @@ def test_gpu_extra_memory_is_not_n_by_v():
     bound = 4 * (n * d + v * d) * 4  # a few fp32 copies of hidden and weight
     assert extra < bound, f"{extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
     assert extra < n * v * 2 / 2
+
+
+def test_top_level_kernels_name_registers_nothing_twice():
+    """transformers imports a top-level ``kernels`` when it finds one; from a checkout's root
+    that is this folder. The op must keep working after such an import (it once crashed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import torch\n"
+        "from lacy_fast.kernels import lacy_linear_cross_entropy as op\n"
+        "import kernels\n"
+        "assert not hasattr(kernels, 'lacy_linear_cross_entropy') and 'kernels.lacy_ce' not in sys.modules\n"
+        "h = torch.randn(5, 8, requires_grad=True); w = torch.randn(11, 8, requires_grad=True)\n"
+        "loss, _ = op(h, w, torch.randint(3, 11, (5,)), torch.ones(5, dtype=torch.uint8), 2, impl='chunked')\n"
+        "loss.backward(); print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
