@@ -259,3 +259,14 @@ def test_online_training_runs_through_the_loop(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = metrics(out)
     assert len(rows) == 4 and 0 < rows[0]["fact_fraction"] < 1
+
+
+def test_a_run_out_dir_loads_as_its_export(data, tmp_path):
+    """generate / eval / --big accept a training run's out_dir (it holds a config.json of its own)."""
+    from lacy_fast.cascade.big import LacyBig, load_big
+    from lacy_fast.cascade.slm import load_model
+
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=1")
+    assert (out / "config.json").is_file() and load_model(out).path == out / "export"
+    assert isinstance(load_big(str(out)), LacyBig)

@@ -38,9 +38,10 @@ class ExportedModel:
 
 
 def resolve_export(path: str | Path) -> Path:
-    """``path`` itself when it holds an export, else ``path/export`` when a run's out_dir does."""
+    """``path/export`` when ``path`` is a training run's out_dir (which has a config.json of
+    its own, the run's), else ``path`` itself."""
     path = Path(path)
-    if not (path / "config.json").is_file() and (path / "export" / "config.json").is_file():
+    if (path / "export" / "config.json").is_file():
         return path / "export"
     return path
 

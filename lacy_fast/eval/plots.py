@@ -52,29 +52,44 @@ def smooth(values: list[float | None], window: int) -> list[float | None]:
     return out
 
 
-def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = 1) -> Path:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    return plt
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    """One colour per name, the same in every panel (a panel may lack some names)."""
+    cycle = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = 1) -> Path:
+    fig, axes = _pyplot().subplots(2, 2, figsize=(11, 7), sharex=True)
+    colors = _colors(list(runs))
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name, rows in runs.items():
             steps = [r["step"] for r in rows if r.get(key) is not None]
             values = smooth([r[key] for r in rows if r.get(key) is not None], window)
             if steps:
-                ax.plot(steps, values, label=name, linewidth=1.4)
+                ax.plot(steps, values, label=name, linewidth=1.4, color=colors[name])
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("step")
     axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
@@ -84,19 +99,15 @@ def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     ``factscore``, ``supported_per_generation``). Points without a FactScore (no fact
     stated) are left out of the first panel.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
+    colors = _colors(list(curves))
     for name, points in curves.items():
         points = sorted(points, key=lambda p: p["call_rate"])
         scored = [p for p in points if p["factscore"] is not None]
         axes[0].plot([p["call_rate"] for p in scored], [p["factscore"] for p in scored], marker="o", label=name,
-                     linewidth=1.4)
+                     linewidth=1.4, color=colors[name])
         axes[1].plot([p["call_rate"] for p in points], [p["supported_per_generation"] for p in points], marker="o",
-                     label=name, linewidth=1.4)
+                     label=name, linewidth=1.4, color=colors[name])
     for ax, title in zip(axes, ("FactScore (supported / stated)", "supported facts per generation")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("call rate (share of decoding steps that call)")
@@ -105,11 +116,7 @@ def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     axes[0].set_ylim(-0.02, 1.02)
     axes[1].set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

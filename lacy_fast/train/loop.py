@@ -330,7 +330,9 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
     batches = Background(source.batches(step, data_state), cfg.data.queue_depth)
     signals = _Signals()
-    bar = Progress("train", total=t.max_steps, unit="steps", initial=step, enabled=d.is_main and progress)
+    # Under a token budget the run ends near the schedule's estimated length, not max_steps.
+    expected = min(t.max_steps, t.lr_decay_steps) if t.max_gt_tokens > 0 else t.max_steps
+    bar = Progress("train", total=expected, unit="steps", initial=step, enabled=d.is_main and progress)
     pending: list[StepStats] = []
     interval_start, interval_wait, last_row = time.perf_counter(), 0.0, {}
     profiler = _profiler(t, out, d) if t.profile_steps > 0 else None
