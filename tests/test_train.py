@@ -270,3 +270,30 @@ def test_a_run_out_dir_loads_as_its_export(data, tmp_path):
     train(out, data, "train.max_steps=1")
     assert (out / "config.json").is_file() and load_model(out).path == out / "export"
     assert isinstance(load_big(str(out)), LacyBig)
+
+
+def test_rho_trains_against_a_reference_model(data, tmp_path):
+    """Rho-1's excess loss: the reference export runs forward without gradients in the loop."""
+    train(tmp_path / "ref", data, "train.max_steps=3", "objective.strategy=none")
+    train(tmp_path / "rho", data, "train.max_steps=3", "objective.strategy=rho",
+          f"objective.ref_checkpoint={tmp_path / 'ref' / 'export'}")
+    rows = metrics(tmp_path / "rho")
+    # rho relabels floor(0.6 * valid targets) of each micro-batch by excess loss.
+    assert all(abs(r["call_rate"] - 0.6) < 0.01 for r in rows)
+    other = tmp_path / "other-tok"  # a reference on another tokenizer is refused
+    import shutil
+
+    shutil.copytree(tmp_path / "ref" / "export", other)
+    meta = json.loads((other / "config.json").read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    (other / "config.json").write_text(json.dumps(meta))
+    proc = train(tmp_path / "rho2", data, "train.max_steps=1", "objective.strategy=rho",
+                 f"objective.ref_checkpoint={other}", check=False)
+    assert proc.returncode == 2 and "another tokenizer" in proc.stderr
+
+
+def test_profiler_window_writes_a_trace(data, tmp_path):
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=4", "train.profile_start=1", "train.profile_steps=2")
+    traces = list((out / "profile").glob("trace_rank0_step1.json"))
+    assert traces and json.loads(traces[0].read_text())["traceEvents"]
