@@ -10,6 +10,11 @@ interleaved (none, lacy, none, lacy, ...) so drift of the machine hits all alike
 first ``--warmup`` steps of every run (start-up, allocator warm-up, compilation) are left
 out: throughput is measured over the rest, from the loop's own metrics. Overhead =
 tokens/s(none) / tokens/s(strategy) - 1, medians over repeats. Goal: lacy under 3%.
+
+MFU needs the device's peak: on a GPU the loop looks it up (``train.metrics``); a CPU has
+no data-sheet figure, so the peak used there is the best rate of a large fp32 matmul
+measured at the start of the run (``peak_source`` says which), and MFU reads "share of
+what this CPU's BLAS reaches on one big matmul".
 """
 from __future__ import annotations
 
@@ -38,7 +43,21 @@ def prepared_data(root: Path, people: int, vocab: int) -> Path:
     return root / "prep"
 
 
-def run_once(args, data: Path, strategy: str, out: Path) -> dict:
+def matmul_tflops(n: int = 2048, reps: int = 10) -> float:
+    """Best fp32 matmul rate on this CPU, TFLOP/s (2 n^3 FLOPs per product)."""
+    import time
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def run_once(args, data: Path, strategy: str, out: Path, peak: float) -> dict:
     from lacy_fast.train.loop import train
 
     cfg = load_config(RunConfig, "tiny", [
@@ -46,6 +65,7 @@ def run_once(args, data: Path, strategy: str, out: Path) -> dict:
         f"model.max_seq_len={max(args.seq_len, 256)}", f"train.micro_batch_size={args.micro_batch}",
         f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.ckpt_every=0",
         f"objective.strategy={strategy}", f"train.compile={str(args.compile).lower()}",
+        f"train.peak_tflops={peak}",
     ])
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -75,13 +95,15 @@ def main() -> None:
 
     strategies = args.strategies.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = 0.0 if device.type == "cuda" else matmul_tflops()  # 0: the loop's GPU table
+    peak_source = "device table" if device.type == "cuda" else f"measured fp32 matmul ({peak:.3f} TFLOP/s)"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = args.data or prepared_data(tmp, args.people, args.vocab)
         runs: dict[str, list[dict]] = {s: [] for s in strategies}
         for rep in range(args.repeats):
             for s in strategies:
-                runs[s].append(run_once(args, data, s, tmp / f"{s}-{rep}"))
+                runs[s].append(run_once(args, data, s, tmp / f"{s}-{rep}", peak))
                 print(f"  {s} #{rep}: {runs[s][-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr)
 
     base = statistics.median(r["tokens_per_s"] for r in runs[strategies[0]])
@@ -91,7 +113,7 @@ def main() -> None:
         rows.append({"preset": args.preset, "strategy": s, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                      "steps": args.steps, "tokens_per_s": tps, "mfu": runs[s][-1]["mfu"],
                      "data_wait": statistics.median(r["data_wait"] for r in runs[s]),
-                     "peak_mem_gb": runs[s][-1]["peak_mem_gb"],
+                     "peak_mem_gb": runs[s][-1]["peak_mem_gb"], "peak_source": peak_source,
                      f"overhead_vs_{strategies[0]}": base / tps - 1.0,
                      "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in runs[s]]})
     print_table(rows, ["preset", "strategy", "tokens_per_s", "mfu", "data_wait", "peak_mem_gb",
