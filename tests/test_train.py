@@ -297,3 +297,21 @@ def test_profiler_window_writes_a_trace(data, tmp_path):
     train(out, data, "train.max_steps=4", "train.profile_start=1", "train.profile_steps=2")
     traces = list((out / "profile").glob("trace_rank0_step1.json"))
     assert traces and json.loads(traces[0].read_text())["traceEvents"]
+
+
+def test_in_process_training_leaves_no_distributed_state(data, tmp_path, monkeypatch):
+    """The demo trains several models in one process, then other runs start: a plain run
+    gives back the world of one it made (process group and environment)."""
+    import torch.distributed as dist
+
+    from lacy_fast.config import RunConfig, load_config
+    from lacy_fast.train.loop import train as train_in_process
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for run in ("a", "b"):
+        cfg = load_config(RunConfig, "tiny", [f"data.path={data}", f"out_dir={tmp_path / run}", *SMALL[:-1],
+                                              "train.max_steps=1"])
+        assert train_in_process(cfg, progress=False)["step"] == 1
+        assert not dist.is_initialized() and "RANK" not in os.environ and "MASTER_PORT" not in os.environ
+    train(tmp_path / "c", data, "train.max_steps=1")  # a subprocess after them

@@ -46,6 +46,9 @@ if not torch.cuda.is_available():  # before deepspeed is imported: it picks its 
 # ----------------------------------------------------------------------------------------
 
 
+_SINGLE_PROCESS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 @dataclass
 class Dist:
     rank: int
@@ -53,10 +56,28 @@ class Dist:
     local_rank: int
     device: torch.device
     control: Any = None  # gloo group for host-side scalars (None: single process)
+    # A plain `lacy-fast train` (no launcher) makes a world of one itself; it owns that
+    # process group and the environment it set, and gives both back at the end, so a
+    # process that trains several times (the demo) or starts other runs stays clean.
+    owned_env: dict[str, str | None] | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def teardown(self) -> None:
+        if self.owned_env is None:
+            return
+        import deepspeed.comm
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # DeepSpeed's own cached groups go with it
+            deepspeed.comm.destroy_process_group()
+        for key, value in self.owned_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _free_port() -> int:
@@ -80,7 +101,9 @@ def setup_distributed() -> Dist:
     import deepspeed
     import torch.distributed as dist
 
+    owned_env = None
     if "RANK" not in os.environ:  # a plain `lacy-fast train`: a world of one
+        owned_env = {key: os.environ.get(key) for key in _SINGLE_PROCESS_ENV}
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -95,7 +118,7 @@ def setup_distributed() -> Dist:
     control = None
     if world > 1:
         control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    return Dist(rank, world, local_rank, device, control)
+    return Dist(rank, world, local_rank, device, control, owned_env)
 
 
 def _sum_host(values: list[int], d: Dist) -> list[int]:
@@ -238,12 +261,33 @@ class _Signals:
 # ----------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) ``cfg``; returns a summary (final step, tokens, last metrics)."""
+def _quiet_deepspeed() -> None:
     import logging
 
-    import deepspeed
     from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if _lr_warning_filter not in ds_logger.filters:
+        ds_logger.addFilter(_lr_warning_filter)
+
+
+def _lr_warning_filter(record) -> bool:
+    # WarmupCosineLR asks itself for a learning rate while it is being built; not a problem.
+    return "before it has started" not in record.getMessage()
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) ``cfg``; returns a summary (final step, tokens, last metrics)."""
+    _quiet_deepspeed()
+    d = setup_distributed()
+    try:
+        return _train(cfg, d, progress)
+    finally:
+        d.teardown()
+
+
+def _train(cfg: RunConfig, d: Dist, progress: bool) -> dict[str, Any]:
+    import deepspeed
 
     from lacy_fast.data.tokenizer import Tokenizer
     from lacy_fast.model import GPT
@@ -252,10 +296,6 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     from lacy_fast.train.ds_config import deepspeed_config
     from lacy_fast.train.objective import LacyLM, reference_nll
 
-    ds_logger.setLevel(logging.WARNING)
-    # WarmupCosineLR asks itself for a learning rate while it is being built; not a problem.
-    ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage())
-    d = setup_distributed()
     out = Path(cfg.out_dir)
     t, o = cfg.train, cfg.objective
     precision = _precision(cfg, d.device)
