@@ -48,8 +48,25 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the deepspeed launcher puts before the command (it also sets
+    LOCAL_RANK in the environment, which is what the training loop reads)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()

@@ -65,3 +65,12 @@ def test_bad_option_is_one_line_exit_2(monkeypatch, capsys):
 def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "lacy_fast.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "prepare" in proc.stdout
+
+
+def test_launcher_local_rank_is_taken_before_the_command(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert cli._take_local_rank(["--local_rank=1", "train", "x=1"]) == ["train", "x=1"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert cli._take_local_rank(["train", "--local-rank", "3", "--quiet"]) == ["train", "--quiet"]

@@ -106,6 +106,21 @@ def test_two_ranks_with_zero(data, tmp_path, stage):
     assert model.head_weight.shape[1] == 64
 
 
+@pytest.mark.distributed
+def test_deepspeed_launcher_runs_the_same_entry_point(data, tmp_path):
+    """`deepspeed --module lacy_fast.cli train ...` (it passes --local_rank=N before the command)."""
+    out = tmp_path / "ds"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    launcher = [str(deepspeed), "--num_gpus", "2", "--master_port", "29410", "--module"]
+    cmd = launcher + ["lacy_fast.cli", "train", "--config", "tiny", f"data.path={data}", f"out_dir={out}", *SMALL,
+                      "train.max_steps=4", "zero_stage=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(metrics(out)) == 4
+    assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 2
+
+
 def test_equal_budget_stopping_rule(data, tmp_path):
     """Runs stop once they have trained on max_gt_tokens ground-truth targets, whatever the
     strategy: LaCy spends fewer targets per step on ground truth, so it runs more steps."""

@@ -534,8 +534,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     parser.add_argument("--explain", action="store_true", help="list every config key with its default and meaning")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
-    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
