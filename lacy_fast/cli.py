@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command '{name}'; choose one of {', '.join(COMMANDS)}")
     module_name, summary = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"lacy-fast {name}: error: this command is not part of this build yet", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     parser = _Parser(prog=f"lacy-fast {name}", description=summary)
     module.add_arguments(parser)
     args = parser.parse_intermixed_args(rest)  # `key=value` overrides may follow options
