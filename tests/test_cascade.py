@@ -8,7 +8,7 @@ import torch
 from lacy_fast import cli
 from lacy_fast.cascade import (ArgmaxRule, BudgetRule, Cascade, LacyBig, NeverRule, OracleBig, ThresholdRule,
                                load_big, load_model)
-from lacy_fast.cascade.slm import context_ids, encode_continuation, grow_cache, unfinished_bytes
+from lacy_fast.cascade.slm import context_ids, encode_continuation, unfinished_bytes
 from lacy_fast.config import CascadeConfig, ModelConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
@@ -350,7 +350,7 @@ def test_grown_cache_decodes_like_a_large_one(slm, tok):
         a = model(ids[:, :3], cache=small)
         b = model(ids[:, :3], cache=large)
         for t in range(3, ids.shape[1]):
-            small = grow_cache(model, small, 1)
+            small.reserve(1)
             a = model(ids[:, t:t + 1], cache=small)
             b = model(ids[:, t:t + 1], cache=large)
     torch.testing.assert_close(a, b)

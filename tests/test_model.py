@@ -46,6 +46,21 @@ def test_incremental_decoding_with_cache_matches_full_forward():
     assert cache.length == 23
 
 
+def test_reserve_grows_the_cache_and_keeps_what_it_held():
+    model = tiny().eval()
+    idx = torch.randint(0, 211, (2, 23))
+    valid = torch.ones(2, 23, dtype=torch.bool)
+    valid[1, :4] = False  # a left-padded row: positions must survive the growth too
+    cache = model.new_cache(batch=2, max_len=5)
+    parts = [model(idx[:, :5], cache=cache, valid=valid[:, :5])]
+    for t in range(5, 23):
+        cache.reserve(1)
+        parts.append(model(idx[:, t:t + 1], cache=cache))
+    assert cache.max_len == 40 and cache.length == 23  # 5 -> 10 -> 20 -> 40: doubling
+    full = model(idx, cache=model.new_cache(batch=2, max_len=23), valid=valid)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_left_padded_batch_decodes_like_each_row_alone():
     model = tiny().eval()
     a, b = torch.randint(0, 211, (1, 11)), torch.randint(0, 211, (1, 6))

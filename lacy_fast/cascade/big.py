@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lacy_fast.cascade.slm import (ExportedModel, context_text, encode_continuation, grow_cache, left_pad,
+from lacy_fast.cascade.slm import (ExportedModel, context_text, encode_continuation, left_pad,
                                    load_model, resolve_export, unfinished_bytes)
 from lacy_fast.data.synth import CUES
 from lacy_fast.data.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ class LacyBig:
         new = [c[s:] if len(c) <= limit else [] for c, s in zip(contexts, self.seen)]
         if any(new):
             ids, valid = left_pad(new, self.big.tokenizer.eos_id, self.hidden.device)  # (B, K)
-            self.cache = grow_cache(model, self.cache, ids.shape[1])
+            self.cache.reserve(ids.shape[1])
             hidden = model(ids, cache=self.cache, valid=valid)[:, -1]  # (B, D)
             fed = valid[:, -1]  # (B,) left padding: a row with new tokens has its last one in the last slot
             self.hidden[fed] = hidden[fed]

@@ -38,7 +38,7 @@ import torch
 
 from lacy_fast.cascade.big import BigModel
 from lacy_fast.cascade.rules import NeverRule, make_rule
-from lacy_fast.cascade.slm import ExportedModel, context_ids, grow_cache, left_pad
+from lacy_fast.cascade.slm import ExportedModel, context_ids, left_pad
 from lacy_fast.config import CascadeConfig
 from lacy_fast.errors import UserError
 from lacy_fast.progress import Progress
@@ -163,7 +163,7 @@ class Cascade:
                     self.big.keep(keep)
                 live, feed = [live[i] for i in keep], [feed[i] for i in keep]
             block, valid = left_pad(feed, tok.eos_id, self.device)  # (b, K)
-            cache = grow_cache(model, cache, block.shape[1])
+            cache.reserve(block.shape[1])
             hidden = model(block, cache=cache, valid=valid)[:, -1]  # (b, D): every live row gained >= 1 token
         return [self._result(r) for r in rows]
 

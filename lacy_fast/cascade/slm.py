@@ -121,26 +121,6 @@ def encode_continuation(tok: Tokenizer, text: str) -> list[int]:
     return [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
 
 
-def grow_cache(model: GPT, cache: KVCache, extra: int) -> KVCache:
-    """``cache`` if ``extra`` more positions fit, else a copy with (at least) twice the room.
-
-    Handoffs of several tokens make the cache length hard to bound up front; preallocating
-    tight and doubling keeps ``KVCache.reorder`` (which copies the whole buffer) cheap.
-    """
-    need = cache.length + extra
-    if need <= cache.max_len:
-        return cache
-    batch = cache.k.shape[1]
-    new = model.new_cache(batch, max(2 * cache.max_len, need), dtype=cache.k.dtype)
-    n = cache.length
-    new.k[:, :, :, :n] = cache.k[:, :, :, :n]  # (L, B, H, n, hd)
-    new.v[:, :, :, :n] = cache.v[:, :, :, :n]  # (L, B, H, n, hd)
-    new.valid[:, :n] = cache.valid[:, :n]  # (B, n)
-    new.n_real.copy_(cache.n_real)  # (B,)
-    new.length = n
-    return new
-
-
 def left_pad(rows: list[list[int]], pad: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of tokens as a left-padded block: ids (B, K) and valid (B, K); K = longest row (at least 1)."""
     k = max(1, max((len(r) for r in rows), default=0))

@@ -54,6 +54,23 @@ class KVCache:
         self.k, self.v = self.k[:, index], self.v[:, index]
         self.valid, self.n_real = self.valid[index], self.n_real[index]
 
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more positions, at least doubling when it grows.
+
+        Decoding with handoffs of several tokens makes the length hard to bound up front;
+        preallocating tight and doubling keeps ``reorder`` (which copies the buffers) cheap.
+        """
+        need = self.length + extra
+        if need <= self.max_len:
+            return
+        self.max_len = max(2 * self.max_len, need)
+        n = self.length
+        k = self.k.new_zeros(*self.k.shape[:3], self.max_len, self.k.shape[4])  # (L, B, H, S, hd)
+        v = torch.zeros_like(k)
+        valid = self.valid.new_zeros(self.valid.shape[0], self.max_len)  # (B, S)
+        k[:, :, :, :n], v[:, :, :, :n], valid[:, :n] = self.k[:, :, :, :n], self.v[:, :, :, :n], self.valid[:, :n]
+        self.k, self.v, self.valid = k, v, valid
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
