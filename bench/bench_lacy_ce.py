@@ -27,7 +27,6 @@ and cce, at least 1.5x faster than torch-eager, extra memory O(N D + V D).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import sys
@@ -38,7 +37,8 @@ import torch._functorch.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import env_info, peak_memory, print_table, record, time_fn  # noqa: E402
+from harness import (PINNED_MMAP_THRESHOLD, env_info, peak_memory, print_table, record,  # noqa: E402
+                     set_mmap_threshold, time_fn)
 
 from lacy_fast.kernels import lacy_linear_cross_entropy  # noqa: E402
 from lacy_fast.kernels.lacy_ce_reference import select_calls, valid_targets  # noqa: E402
@@ -170,15 +170,6 @@ def check_baseline(device: torch.device) -> None:
         assert torch.allclose(ours, eager, rtol=1e-5), f"torch-eager differs from the op ({strategy})"
 
 
-def pin_malloc() -> None:
-    """CPU peaks: glibc's growing mmap threshold keeps freed buffers resident and blurs
-    VmHWM; a fixed 64 KiB threshold makes every large buffer a mapping returned on free."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item]
 
@@ -198,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if not cuda:
-        pin_malloc()
+    if not cuda:  # CPU peaks that follow the live buffers (harness.set_mmap_threshold)
+        set_mmap_threshold(PINNED_MMAP_THRESHOLD)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     shapes = parse_shapes(args.shapes) if args.shapes else (GPU_GRID if cuda else CPU_GRID)
     reps = args.reps or (20 if cuda else 5)

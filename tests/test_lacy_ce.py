@@ -7,7 +7,6 @@ explained in lacy_ce_cases.py. GPU-only cases are marked ``gpu``.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
@@ -292,26 +291,18 @@ def test_chunked_path_runs_on_meta_tensors(strategy, monkeypatch):
 
 
 def _peak_bytes(fn) -> int:
-    """Peak resident bytes of ``fn()`` after a warm-up call (harness.peak_memory, VmHWM).
-
-    glibc keeps freed blocks and grows its mmap threshold on the fly, which hides or
-    inflates a peak; a fixed 64 KiB threshold makes every large buffer its own mapping,
-    returned on free, so the resident set follows the live buffers.
-    """
+    """Peak resident bytes of ``fn()`` after a warm-up call (harness.peak_memory, VmHWM),
+    with glibc's mmap threshold pinned (harness.set_mmap_threshold says why)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from harness import peak_memory
+    from harness import GLIBC_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD, peak_memory, set_mmap_threshold
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    if not set_mmap_threshold(PINNED_MMAP_THRESHOLD):
         pytest.skip("needs glibc to pin malloc's mmap threshold")
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 16)
     try:
         fn()
         peak = peak_memory(fn, "cpu")
     finally:
-        libc.mallopt(m_mmap_threshold, 128 << 10)  # glibc's default
+        set_mmap_threshold(GLIBC_MMAP_THRESHOLD)
     if peak is None:
         pytest.skip("this system does not report peak memory")
     return peak
