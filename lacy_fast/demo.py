@@ -107,6 +107,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     from lacy_fast.data import synth
     from lacy_fast.data.prepare import prepare
     from lacy_fast.eval.plots import plot_runs, plot_sweep, read_metrics
+    from lacy_fast.eval.report import format_table
     from lacy_fast.eval.run import evaluate, sweep
     from lacy_fast.cascade.big import load_big
     from lacy_fast.train.loop import train
@@ -160,17 +161,19 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
                      cascade=CascadeConfig(rule="budget", budget=CALL_BUDGET, max_new_tokens=scale.max_new_tokens))
     argmax = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, rule="argmax"))
     big = load_big(str(big_dir), device)
-    rows, curves = [], {}
+    rows, curves, results = [], {}, {}
     for s in strategies:
         run = out / "runs" / s
         trained = read_metrics(run)[-1]
         for mode, partner, mode_cfg in (("slm", None, cfg), ("cascade", big, cfg), ("cascade-argmax", big, argmax)):
             result = evaluate(run, partner, facts, cfg=mode_cfg, device=device, progress=not quiet)
             rows.append(_row(s, mode, result, trained))
+            results[f"{s} {mode}"] = result
             write_json(out / "eval" / f"{s}-{mode}.json", result)
         curves[s] = sweep(run, big, facts, cfg=cfg, device=device, progress=not quiet)
     result = evaluate(big_dir, None, facts, cfg=cfg, device=device, progress=not quiet)
     rows.append(_row("big", "alone", result, read_metrics(big_dir)[-1]))
+    results["big alone"] = result
     write_json(out / "eval" / "big-alone.json", result)
     stages.end()
 
@@ -178,7 +181,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     plot_sweep(curves, out / "sweep.png")
     write_json(out / "results.json", rows)
     write_json(out / "sweep.json", curves)
-    table = format_table(rows)
+    table = format_table(results)
     write_text(out / "report.md", _report(rows, curves, table, scale, stats, time.perf_counter() - stages.start))
     print(table)
     if not quiet:
@@ -199,21 +202,6 @@ def _row(strategy: str, mode: str, result: dict[str, Any], trained: dict[str, An
         "p_call_fact": calls.get("mean_p_call_fact"), "p_call_other": calls.get("mean_p_call_other"),
         "train_steps": trained["step"], "gt_tokens": trained.get("gt_tokens"),
     }
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["strategy", "mode", "FactScore", "call rate", "leakage", "perplexity", "call prec.", "call recall"]
-    body = [[r["strategy"], r["mode"], _fmt(r["factscore"], ".3f"), _fmt(r["call_rate"], ".1%"),
-             _fmt(r["leakage"], ".3f"), _fmt(r["perplexity"], ".2f"), _fmt(r["call_precision"], ".2f"),
-             _fmt(r["call_recall"], ".2f")] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-|-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
-    return "\n".join(lines)
 
 
 def _report(rows: list[dict[str, Any]], curves: dict[str, list[dict]], table: str, scale: Scale,
