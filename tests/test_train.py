@@ -330,3 +330,23 @@ def test_in_process_training_leaves_no_distributed_state(data, tmp_path, monkeyp
         assert train_in_process(cfg, progress=False)["step"] == 1
         assert not dist.is_initialized() and "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     train(tmp_path / "c", data, "train.max_steps=1")  # a subprocess after them
+
+
+@pytest.mark.parametrize("strategy", ["none", "loss", "spacy", "lacy", "rho", "judge", "ignore"])
+def test_host_selection_count_matches_the_op(strategy):
+    """The loop counts ground-truth tokens on the host (selected_count) without asking the
+    device; it must agree with the op's own selection for every strategy."""
+    import torch
+
+    from lacy_fast.kernels import lacy_linear_cross_entropy
+    from lacy_fast.train.loop import selected_count
+
+    gen = torch.Generator().manual_seed(1)
+    n, d, v = 97, 16, 53
+    hidden, weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen)
+    targets = torch.randint(3, v, (n,), generator=gen)
+    flags = torch.randint(0, 4, (n,), generator=gen).to(torch.uint8)  # fact and judge bits
+    _, stats = lacy_linear_cross_entropy(hidden, weight, targets, flags, 2, strategy=strategy, call_fraction=0.37,
+                                         ref_nll=torch.rand(n, generator=gen), impl="chunked")
+    n_facts, n_judge = int((flags & 1).sum()), int((flags & 2).bool().sum())
+    assert selected_count(strategy, 0.37, n, n_facts, n_judge) == int(stats["is_call"].sum())
