@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from lacy_fast.config import DataConfig, LabelConfig, ReaderConfig
+from lacy_fast.config import DataConfig, LabelConfig, ReaderConfig, to_dict
 from lacy_fast.data import shards as shard_io
 from lacy_fast.data.loader import Batch, make_batch
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
@@ -166,8 +166,6 @@ class OnlineBatches:
     # -- labeled documents, chunk by chunk ------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
-        from lacy_fast.config import to_dict
-
         return {"inputs": [[p, Path(p).stat().st_size] for p in self.inputs], "tokenizer": self.tokenizer.sha256,
                 "label": to_dict(self.data.label), "reader": to_dict(self.data.reader),
                 "chunk_docs": self.data.label.batch_size}

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lacy_fast.fileio import write_text
+
 # Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' data sheets: (bf16, fp32).
 # Matched by substring of torch.cuda.get_device_name, first match wins (more specific
 # names first). fp32 is the non-tensor-core rate: PyTorch does not use TF32 for matmuls
@@ -103,8 +105,6 @@ class MetricsWriter:
                     kept.append(line)
             except json.JSONDecodeError:
                 break  # a torn last line from a kill
-        from lacy_fast.fileio import write_text
-
         write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, rows: list[dict[str, Any]]) -> None:
