@@ -1,14 +1,17 @@
 """The built-in corpus: Wikipedia-like biographies of fictional people, with their facts.
 
-    lacy-fast synth --out DIR [--people N] [--seed S] [--heldout F]
+    lacy-fast synth --out DIR [--people N] [--seed S] [--renderings R] [--heldout F]
+                    [--frequent-share F] [--frequent-docs K] [--free-wording W] [--mentions M]
 
 writes
-- ``DIR/corpus.jsonl``: one ``{"text": ...}`` biography per person;
-- ``DIR/facts.jsonl``: the ground truth, one ``{"id", "name", "pronoun", "facts": {attribute: value}}``
-  per person (``award`` is absent for people without one);
-- ``DIR/heldout.jsonl``: ``{"id", "text"}``: new renderings of the biographies of a subset of
-  the same people (every fact sentence through another template than in the corpus, other
-  fillers and order), for perplexity and call precision/recall on unseen text.
+- ``DIR/corpus.jsonl``: one ``{"text": ...}`` biography per line;
+- ``DIR/facts.jsonl``: the ground truth, one ``{"id", "name", "pronoun", "facts": {attribute: value},
+  "bucket", "documents"}`` per person (``award`` is absent for people without one; ``bucket``
+  is ``frequent`` or ``rare``; ``documents`` counts the person's biographies in the corpus);
+- ``DIR/heldout.jsonl``: ``{"id", "text", "free"}``: new renderings of the biographies of a
+  subset of the same people (every fact sentence through another template than in the
+  corpus where one is left, other fillers, wording and order), for perplexity and the call
+  statistics on unseen text; ``free`` lists the character spans of their free wording.
 
 Each fact is stated through one of several paraphrase templates (``TEMPLATES``: attribute ->
 templates with a ``{value}`` slot), so the grammar varies while the facts do not.
@@ -18,9 +21,19 @@ answers calls from the fact table. Value sets are disjoint across attributes (ev
 syllable word is used once, dates appear only as birth dates), so an exact FactScore can
 match a generated string against each attribute's values.
 
-Everything is a pure function of the seed: same seed, same bytes. Names and places are made
-of syllables. The default 30,000 people hold ~240,000 facts, more than a small model can
-memorise; the demo uses a few thousand.
+The paper's regime (``Regime``, the command's defaults ``PAPER``) has the two properties
+LaCy's claim rests on:
+- facts a small model can learn and facts it cannot: a few *frequent* people are written
+  about in many biographies (and mentioned in others'), most *rare* people in one or two;
+- acceptable alternatives: *free wording* (``FREE_WORDS``, ``CONNECTIVES``) whose choice is
+  free and truthful, so its loss stays high for every model, like an unknown fact's, while
+  spaCy's fact rule leaves it alone.
+``UNIFORM`` (the Python API's default) is the corpus of earlier versions: every person in
+``renderings`` biographies, fixed wording, byte for byte.
+
+Everything is a pure function of the seed and the settings: same seed, same bytes. Names
+and places are made of syllables. The default 30,000 people hold ~240,000 facts, more than
+a small model can memorise; the demo uses a few hundred.
 """
 from __future__ import annotations
 
@@ -100,19 +113,60 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 # Sentences that state no fact: they make the text read like prose and dilute the facts to
-# about a quarter of the tokens, as in Wikipedia.
+# about a quarter of the tokens, as in Wikipedia. Their slots hold *free wording* (below).
 FILLERS = (
-    "{subject} was known for a careful and patient approach to {his} work.",
-    "Colleagues described {object} as generous with {his} time.",
+    "{subject} was known for a {adj=careful} and {adj=patient} approach to {his} work.",
+    "Colleagues described {object} as {adj=generous} with {his} time.",
     "{subject} rarely spoke about {his} childhood in public.",
     "Little is known about {his} private life.",
     "{subject} wrote several short essays about the craft and taught younger colleagues.",
-    "Friends remember {object} as a quiet person with a dry sense of humour.",
+    "Friends remember {object} as a {adj=quiet} person with a dry sense of humour.",
     "{subject} kept detailed notebooks throughout {his} life.",
-    "Outside work, {subject} spent much of {his} free time walking and reading.",
-    "{subject} was admired by students for clear and honest explanations.",
-    "{subject_pos} letters show a strong interest in music and languages.",
+    "Outside work, {subject} spent much of {his} free time {pastime=walking and reading}.",
+    "{subject} was admired by students for {adj=clear} and honest explanations.",
+    "{subject_pos} letters show a strong interest in {topic=music and languages}.",
 )
+
+# Free wording: the slots ``{pool=fixed}`` of the fillers, whose words are a free choice.
+# Any choice is truthful (it states nothing checkable about the person), so a model's loss
+# on them stays high however well it knows the person, as on an unknown fact; but no model
+# should call for them. Where the wording is not free (``Regime.free_wording``) a slot holds
+# its fixed word. Every word is lower case, a common adjective, noun or verb phrase, so
+# spaCy's fact rule (PROPN, NUM) leaves them alone (tests/test_data_synth.py measures it),
+# and none is a value of the fact table.
+FREE_WORDS: dict[str, tuple[str, ...]] = {
+    "adj": ("careful", "patient", "generous", "quiet", "clear", "bold", "cheerful", "curious", "modest", "diligent",
+            "thoughtful", "stubborn", "witty", "gentle", "shy", "calm", "humble", "meticulous", "playful", "reserved",
+            "serious", "sincere", "warm", "frank", "tireless", "restless", "brilliant", "lively", "kind", "loyal",
+            "cautious", "decisive", "friendly", "reliable", "sociable", "practical", "steady", "sharp", "talkative",
+            "gracious", "spirited", "demanding", "forgiving", "nervous", "proud", "strict", "dreamy", "blunt"),
+    "pastime": ("walking and reading", "gardening", "sailing", "playing chess", "cooking", "fishing", "cycling",
+                "hiking", "swimming", "knitting", "baking bread", "singing in a choir", "climbing", "rowing",
+                "carving wood", "watching birds", "reading poetry", "playing tennis", "dancing", "skating",
+                "camping", "drawing", "solving puzzles", "travelling", "studying maps", "collecting stamps",
+                "playing the piano", "painting landscapes", "writing letters", "walking the dog",
+                "restoring furniture", "growing roses", "keeping bees", "mending clocks", "visiting museums",
+                "learning languages", "riding horses", "playing cards", "repairing bicycles", "making pottery"),
+    "topic": ("music and languages", "history", "poetry", "astronomy", "botany", "architecture", "theatre",
+              "philosophy", "mathematics", "politics", "gardening", "sailing", "cooking", "travel", "religion",
+              "economics", "folk songs", "old maps", "geology", "medicine", "education", "engineering", "printing",
+              "weather", "farming", "trains", "birds", "chess", "sculpture", "opera", "film", "law", "ethics",
+              "cartography", "navigation", "painting", "ceramics", "textiles", "forestry", "clocks"),
+}
+
+# Free wording between sentences: a connective before a sentence (never the first one), or
+# none. Chosen, like the slots, only where the wording is free.
+CONNECTIVES = ("Later", "Meanwhile", "Afterwards", "Eventually", "Notably", "In time", "Over the years", "By then",
+               "Soon after", "In the end", "Back then", "Even so", "In particular", "At the time", "Before long",
+               "In those years", "Interestingly", "Unusually", "Reportedly", "By all accounts", "Curiously",
+               "Of course", "As it happened", "Around that time")
+CONNECTIVE_SHARE = 0.4  # of the sentences after the first, when the wording is free
+
+# How a biography mentions a frequent person: popular people turn up in other people's
+# biographies too. The relation states no fact of the fact table.
+MENTIONS = ("{subject} studied under {famous}.", "{subject} once worked alongside {famous}.",
+            "{subject} was a close friend of {famous}.", "{subject} corresponded for years with {famous}.",
+            "{subject} was often compared to {famous}.", "{subject} admired the work of {famous}.")
 
 OCCUPATIONS = (
     "chemist", "botanist", "painter", "novelist", "surgeon", "journalist", "lawyer", "pianist", "sculptor",
@@ -228,17 +282,65 @@ def make_people(n: int, seed: int) -> list[Person]:
     return people
 
 
-def render(person: Person, rng: random.Random,
-           avoid: dict[str, set[int]] | None = None) -> tuple[str, dict[str, int]]:
-    """A biography of ``person`` and the template index chosen per attribute.
+@dataclass(frozen=True)
+class Regime:
+    """How the corpus treats its people and its wording: the knobs of the paper's regime.
+
+    - ``frequent_share``: share of people who are *frequent*: written about in
+      ``frequent_docs`` times as many documents as the others (the *rare*, who get the
+      ``renderings`` documents every person gets). A small model can memorise the facts of
+      the frequent people and not those of the rare ones, while they all stay in one
+      corpus; 0 makes every person equally rare, as in the uniform corpus.
+    - ``free_wording``: probability that a free-wording slot (``FREE_WORDS``) takes a
+      random word of its pool instead of its fixed word, and (times ``CONNECTIVE_SHARE``)
+      that a sentence opens with a random connective: the acceptable alternatives, whose
+      loss stays high for every model although any choice is truthful. 0: fixed wording.
+    - ``mentions``: probability that a biography also mentions one of the frequent people
+      by name ("studied under ..."), as popular people turn up in other biographies.
+    """
+
+    frequent_share: float = 0.0
+    frequent_docs: int = 1
+    free_wording: float = 0.0
+    mentions: float = 0.0
+
+    def check(self) -> None:
+        for name in ("frequent_share", "free_wording", "mentions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must lie in [0, 1]")
+        if self.frequent_docs < 1:
+            raise UserError(f"--frequent-docs is {self.frequent_docs}; it must be at least 1")
+
+
+# The corpus of earlier versions: every person written about equally, fixed wording. The
+# Python API keeps it as its default (same seed, same bytes as before).
+UNIFORM = Regime()
+# The paper's regime, the command's default: 10% of people in 16x the documents, free
+# wording everywhere, a famous person mentioned in 30% of the biographies.
+PAPER = Regime(frequent_share=0.1, frequent_docs=16, free_wording=1.0, mentions=0.3)
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """One biography: its text, the template chosen per attribute, and the character spans
+    of its free wording (slot words and connectives)."""
+
+    text: str
+    choices: dict[str, int]
+    free: tuple[tuple[int, int], ...] = ()
+
+
+def render(person: Person, rng: random.Random, avoid: dict[str, set[int]] | None = None,
+           regime: Regime = UNIFORM, famous: tuple[Person, ...] = ()) -> Rendering:
+    """A biography of ``person``.
 
     With ``avoid`` (the templates of other renderings, per attribute), every attribute takes
-    another template where one is left.
+    another template where one is left. ``famous``: the frequent people a mention may name.
     """
     attrs = [a for a in ATTRIBUTES if a in person.facts]
     rng.shuffle(attrs)
     choices: dict[str, int] = {}
-    sentences = []
+    templates: list[tuple[str, str, str]] = []  # (template, subject, value) per sentence
     fillers = rng.sample(range(len(FILLERS)), k=rng.randint(2, 4))
     slots = sorted(rng.sample(range(1, len(attrs) + 1), k=len(fillers)))  # filler positions, never first
     he = person.pronoun
@@ -247,78 +349,172 @@ def render(person: Person, rng: random.Random,
         k = rng.choice(options or range(len(TEMPLATES[attr])))
         choices[attr] = k
         subject = person.name if pos == 0 else rng.choice((he, he, he, person.surname, person.name))
-        sentences.append(_fill(TEMPLATES[attr][k], subject, person, person.facts[attr]))
+        templates.append((TEMPLATES[attr][k], subject, person.facts[attr]))
         while slots and slots[0] == pos + 1:
             slots.pop(0)
-            filler = FILLERS[fillers.pop()]
-            sentences.append(_fill(filler, rng.choice((he, he, person.surname)), person, ""))
-    return " ".join(sentences), choices
+            templates.append((FILLERS[fillers.pop()], rng.choice((he, he, person.surname)), ""))
+    others = [p for p in famous if p.id != person.id]
+    if others and regime.mentions > 0 and rng.random() < regime.mentions:
+        mention = rng.choice(MENTIONS).replace("{famous}", rng.choice(others).name)
+        templates.insert(rng.randint(1, len(templates)), (mention, he, ""))
+
+    text, free = "", []
+    for n, (template, subject, value) in enumerate(templates):
+        opener = ""
+        if n and template.startswith("{subject") and _free(rng, regime.free_wording * CONNECTIVE_SHARE):
+            opener = rng.choice(CONNECTIVES)
+        sentence, spans = _fill(template, subject, person, value, rng, regime.free_wording, capital=not opener)
+        start = len(text) + (1 if text else 0)
+        if opener:
+            free.append((start, start + len(opener)))
+            start += len(opener) + 2
+            sentence = f"{opener}, {sentence}"
+        free += [(start + a, start + b) for a, b in spans]
+        text += (" " if text else "") + sentence
+    return Rendering(text, choices, tuple(free))
 
 
-def _fill(template: str, subject: str, person: Person, value: str) -> str:
+def _free(rng: random.Random, p: float) -> bool:
+    """A free choice with probability ``p``; draws nothing when ``p`` is 0 (the uniform
+    corpus stays byte for byte what it was)."""
+    return p > 0 and (p >= 1 or rng.random() < p)
+
+
+_SLOT = re.compile(r"\{([a-z_]+)(?:=([^}]*))?\}")
+
+
+def _fill(template: str, subject: str, person: Person, value: str, rng: random.Random, free_wording: float,
+          capital: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The sentence and the character spans of the free words it chose.
+
+    Slots: {value}; {subject} (a name, or a pronoun); {object} (the same name, or him/her);
+    {subject_pos} (a name's possessive, or his/her); {his} / {he} (pronouns); {pool=word}
+    (free wording: a random word of FREE_WORDS[pool] with probability ``free_wording``,
+    else ``word``).
+    """
     his = "his" if person.pronoun == "he" else "her"
     is_pronoun = subject == person.pronoun
-    text = template.format(value=value, subject=subject, subject_pos=his if is_pronoun else f"{subject}'s",
-                           object=("him" if person.pronoun == "he" else "her") if is_pronoun else subject,
-                           his=his, he=person.pronoun)
-    return text[0].upper() + text[1:]
+    fields = {"value": value, "subject": subject, "subject_pos": his if is_pronoun else f"{subject}'s",
+              "object": ("him" if person.pronoun == "he" else "her") if is_pronoun else subject,
+              "his": his, "he": person.pronoun}
+    out, spans, pos = [], [], 0
+    for m in _SLOT.finditer(template):
+        out.append(template[pos:m.start()])
+        name, fixed = m.groups()
+        if fixed is None:
+            out.append(fields[name])
+        else:
+            word = rng.choice(FREE_WORDS[name]) if _free(rng, free_wording) else fixed
+            if free_wording > 0:  # a free slot, whichever word it drew
+                at = sum(len(s) for s in out)
+                spans.append((at, at + len(word)))
+            out.append(word)
+        pos = m.end()
+    out.append(template[pos:])
+    text = "".join(out)
+    return (text[0].upper() + text[1:] if capital else text), spans
 
 
-def generate(n: int, seed: int, heldout: float = 0.1,
-             renderings: int = 1) -> Iterator[tuple[Person, list[str], str | None]]:
-    """(person, its ``renderings`` corpus texts, held-out text or None) for each of ``n`` people.
+@dataclass(frozen=True)
+class Biographies:
+    """A person's corpus documents and held-out rendering (None: not held out)."""
 
-    Several renderings state the same facts through different templates and fillers: the
-    repetition a model needs to memorise facts in a short (CPU-sized) run. The held-out
-    text avoids every template the corpus renderings used, as far as templates last.
+    person: Person
+    frequent: bool
+    documents: list[Rendering]
+    heldout: Rendering | None
+
+
+def biographies(n: int, seed: int, heldout: float = 0.1, renderings: int = 1,
+                regime: Regime = UNIFORM) -> Iterator[Biographies]:
+    """The documents of each of ``n`` people, in id order.
+
+    A rare person gets ``renderings`` documents, a frequent one (the first
+    ``regime.frequent_share`` of the ids) ``renderings * regime.frequent_docs``, each
+    through other templates, fillers, wording and order: the repetition a model needs to
+    memorise facts. Held out: every frequent person, and every ``1 / heldout``-th rare one
+    (by id); the held-out text avoids every template the person's documents used, as far as
+    templates last.
     """
+    regime.check()
     step = round(1 / heldout) if heldout > 0 else 0
-    for person in make_people(n, seed):
-        texts, used = [], {attr: set() for attr in person.facts}
-        for r in range(renderings):
+    people = make_people(n, seed)
+    n_frequent = round(regime.frequent_share * n) if regime.frequent_docs > 1 else 0
+    famous = tuple(people[:n_frequent])
+    for person in people:
+        frequent = person.id < n_frequent
+        docs, used = [], {attr: set() for attr in person.facts}
+        for r in range(renderings * (regime.frequent_docs if frequent else 1)):
             key = f"lacy-synth-text:{seed}:{person.id}" + (f":{r}" if r else "")
-            text, choices = render(person, random.Random(key), avoid=used if r else None)
-            texts.append(text)
-            for attr, k in choices.items():
+            doc = render(person, random.Random(key), used if r else None, regime, famous)
+            docs.append(doc)
+            for attr, k in doc.choices.items():
                 used[attr].add(k)
         other = None
-        if step and person.id % step == 0:
-            other, _ = render(person, random.Random(f"lacy-synth-heldout:{seed}:{person.id}"), avoid=used)
-        yield person, texts, other
+        if step and (frequent or person.id % step == 0):
+            other = render(person, random.Random(f"lacy-synth-heldout:{seed}:{person.id}"), used, regime, famous)
+        yield Biographies(person, frequent, docs, other)
+
+
+def generate(n: int, seed: int, heldout: float = 0.1, renderings: int = 1,
+             regime: Regime = UNIFORM) -> Iterator[tuple[Person, list[str], str | None]]:
+    """(person, its corpus texts, held-out text or None) for each of ``n`` people (``biographies``)."""
+    for b in biographies(n, seed, heldout, renderings, regime):
+        yield b.person, [d.text for d in b.documents], None if b.heldout is None else b.heldout.text
 
 
 def write(out: str | Path, n: int = DEFAULT_PEOPLE, seed: int = 0, heldout: float = 0.1,
-          renderings: int = 1) -> dict[str, int]:
+          renderings: int = 1, regime: Regime = UNIFORM) -> dict[str, int]:
     """Write corpus.jsonl, facts.jsonl and heldout.jsonl into ``out``, each atomically.
 
-    The corpus holds rendering 0 of every person, then rendering 1 of every person, and so on.
+    The corpus holds document 0 of every person, then document 1 of every person who has
+    one, and so on. Held-out rows alternate between frequent and rare people (while both
+    last), so the first rows of the file, which evaluation reads, hold both.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
-    out.mkdir(parents=True, exist_ok=True)
     if renderings < 1:
         raise UserError(f"renderings is {renderings}; it must be at least 1")
-    counts = {"people": 0, "heldout": 0, "facts": 0, "documents": 0}
-    extra: list[list[str]] = []
+    regime.check()
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"people": 0, "frequent": 0, "heldout": 0, "facts": 0, "documents": 0}
+    docs: list[list[str]] = []
+    held: dict[bool, list[str]] = {True: [], False: []}
     with atomic_path(out / "corpus.jsonl") as c_tmp, atomic_path(out / "facts.jsonl") as f_tmp, \
-            atomic_path(out / "heldout.jsonl") as h_tmp, open(c_tmp, "w", encoding="utf-8") as corpus, \
-            open(f_tmp, "w", encoding="utf-8") as facts, open(h_tmp, "w", encoding="utf-8") as held:
-        for person, texts, other in generate(n, seed, heldout, renderings):
-            corpus.write(json.dumps({"text": texts[0]}) + "\n")
-            extra.append(texts[1:])
-            facts.write(json.dumps({"id": person.id, "name": person.name, "pronoun": person.pronoun,
-                                    "facts": person.facts}) + "\n")
+            atomic_path(out / "heldout.jsonl") as h_tmp, open(f_tmp, "w", encoding="utf-8") as facts:
+        for b in biographies(n, seed, heldout, renderings, regime):
+            p = b.person
+            docs.append([d.text for d in b.documents])
+            facts.write(json.dumps({"id": p.id, "name": p.name, "pronoun": p.pronoun, "facts": p.facts,
+                                    "bucket": "frequent" if b.frequent else "rare",
+                                    "documents": len(b.documents)}) + "\n")
             counts["people"] += 1
-            counts["facts"] += len(person.facts)
-            if other is not None:
-                held.write(json.dumps({"id": person.id, "text": other}) + "\n")
-                counts["heldout"] += 1
-        for r in range(renderings - 1):
-            for texts in extra:
-                corpus.write(json.dumps({"text": texts[r]}) + "\n")
-        counts["documents"] = counts["people"] * renderings
+            counts["frequent"] += b.frequent
+            counts["facts"] += len(p.facts)
+            counts["documents"] += len(b.documents)
+            if b.heldout is not None:
+                held[b.frequent].append(json.dumps({"id": p.id, "text": b.heldout.text,
+                                                    "free": [list(s) for s in b.heldout.free]}))
+        with open(c_tmp, "w", encoding="utf-8") as corpus:
+            for r in range(max(map(len, docs), default=0)):
+                for texts in docs:
+                    if r < len(texts):
+                        corpus.write(json.dumps({"text": texts[r]}) + "\n")
+        with open(h_tmp, "w", encoding="utf-8") as h:
+            for row in _alternate(held[True], held[False]):
+                h.write(row + "\n")
+        counts["heldout"] = len(held[True]) + len(held[False])
     return counts
+
+
+def _alternate(a: list[str], b: list[str]) -> Iterator[str]:
+    """a[0], b[0], a[1], b[1], ..., then the rest of the longer list."""
+    for x, y in zip(a, b):
+        yield x
+        yield y
+    longer = a if len(a) > len(b) else b
+    yield from longer[min(len(a), len(b)):]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -326,9 +522,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--people", type=int, default=DEFAULT_PEOPLE, help=f"people to invent (default {DEFAULT_PEOPLE})")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
     parser.add_argument("--renderings", type=int, default=1,
-                        help="biographies per person in the corpus, each through other templates (default 1)")
+                        help="biographies of every person in the corpus, each through other templates (default 1)")
     parser.add_argument("--heldout", type=float, default=0.1,
-                        help="share of people who also get a held-out rendering (default 0.1)")
+                        help="share of the rare people who also get a held-out rendering (every frequent person "
+                             "does; default 0.1)")
+    parser.add_argument("--frequent-share", type=float, default=PAPER.frequent_share,
+                        help=f"share of people written about often (default {PAPER.frequent_share}; 0: everyone "
+                             "equally)")
+    parser.add_argument("--frequent-docs", type=int, default=PAPER.frequent_docs,
+                        help=f"a frequent person gets this many times the biographies (default {PAPER.frequent_docs})")
+    parser.add_argument("--free-wording", type=float, default=PAPER.free_wording,
+                        help="probability that a free-wording slot or connective takes a random word, an acceptable "
+                             f"alternative (default {PAPER.free_wording}; 0: fixed wording)")
+    parser.add_argument("--mentions", type=float, default=PAPER.mentions,
+                        help=f"share of biographies that mention a frequent person (default {PAPER.mentions})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -336,7 +543,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--people is {args.people}; it must be > 0")
     if not 0.0 <= args.heldout <= 1.0:
         raise UserError(f"--heldout is {args.heldout}; it must lie in [0, 1]")
-    counts = write(args.out, args.people, args.seed, args.heldout, args.renderings)
-    print(f"wrote {counts['documents']} biographies of {counts['people']} people ({counts['facts']} facts) and "
-          f"{counts['heldout']} held-out renderings to {args.out}")
+    regime = Regime(args.frequent_share, args.frequent_docs, args.free_wording, args.mentions)
+    counts = write(args.out, args.people, args.seed, args.heldout, args.renderings, regime)
+    print(f"wrote {counts['documents']} biographies of {counts['people']} people ({counts['frequent']} frequent, "
+          f"{counts['facts']} facts) and {counts['heldout']} held-out renderings to {args.out}")
     return 0
