@@ -455,13 +455,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------------------
 
 CALL_RULES = ("never", "argmax", "threshold", "budget")
+# What the threshold and budget rules rank (cascade/rules.py): p(<CALL>), or the SLM's own
+# uncertainty over the vocabulary without <CALL> (normalised entropy, or 1 - max p), the
+# standard deferral signals of LLM cascades for a model that was never taught to call.
+CALL_SCORES = ("auto", "p_call", "entropy", "max_prob")
 
 
 @dataclass
 class CascadeConfig(Config):
     rule: str = doc("budget", "when the SLM calls the big model: never, CALL is the argmax, p(CALL) > threshold, "
                     "or a running quantile of p(CALL) that calls on a `budget` share of steps", choices=CALL_RULES)
-    threshold: float = doc(0.5, "rule=threshold: call when p(CALL) exceeds this")
+    score: str = doc("auto", "what the threshold and budget rules rank: p(CALL), the normalised entropy of the "
+                     "SLM's next-token distribution without <CALL>, or 1 - its max probability; auto: p_call for an "
+                     "SLM trained with <CALL> targets, entropy for a plain LM (strategies none and ignore)",
+                     choices=CALL_SCORES)
+    threshold: float = doc(0.5, "rule=threshold: call when the call score exceeds this (every score lies in [0, 1])")
     budget: float = doc(0.22, "rule=budget: target share of decoding steps that call (the paper deploys ~22%)")
     budget_window: int = doc(4096, "rule=budget: the quantile is exact over the last this many p(CALL) values")
     temperature: float = doc(0.0, "SLM sampling temperature (0: greedy)")

@@ -1,6 +1,7 @@
 """Cascade generation: the cached, batched cascade against a naive re-encode-everything
 reference, token by token, for each call rule and each kind of big model."""
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from lacy_fast import cli
 from lacy_fast.cascade import (ArgmaxRule, BudgetRule, Cascade, LacyBig, NeverRule, OracleBig, ThresholdRule,
                                load_big, load_model)
-from lacy_fast.cascade.slm import context_ids, encode_continuation, unfinished_bytes
+from lacy_fast.cascade.slm import ExportedModel, context_ids, encode_continuation, unfinished_bytes
 from lacy_fast.config import CascadeConfig, ModelConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
@@ -66,15 +67,17 @@ def logits_of(model, ids):
     return model.logits(model(torch.tensor([ids]))[0, -1]).float()
 
 
-def naive_cascade(model, tok, prompts, decide, answer, max_new):
-    """Per prompt, re-encode everything at every step: (tokens, from_big, context lengths at calls)."""
+def naive_cascade(model, tok, prompts, decide, answer, max_new, score=None):
+    """Per prompt, re-encode everything at every step: (tokens, from_big, context lengths at calls).
+    ``score``: logits -> the call score (default p(CALL))."""
     out = []
     for prompt in prompts:
         ids = context_ids(tok, prompt)
         gen, flags, asked = [], [], []
         while len(gen) < max_new:
             logits = logits_of(model, ids)
-            call = bool(decide(torch.softmax(logits, -1)[tok.call_id], logits.argmax() == tok.call_id))
+            value = score(logits) if score else torch.softmax(logits, -1)[tok.call_id]
+            call = bool(decide(value, logits.argmax() == tok.call_id))
             logits[tok.call_id] = float("-inf")
             new, big = [int(logits.argmax())], False
             if call:
@@ -178,6 +181,29 @@ def test_stub_handoffs_match_naive_reference_token_by_token(slm, tok):
     longest = max(len(context_ids(tok, p)) for p in PROMPTS)
     assert shapes[0] == (3, longest)
     assert all(t <= 2 for _, t in shapes[1:]) and len(shapes) == max(g.steps for g in generations)
+
+
+@pytest.mark.parametrize("kind", ["entropy", "max_prob"])
+def test_uncertainty_scores_call_where_the_slm_is_unsure(slm, tok, kind):
+    """A plain LM defers by its own uncertainty over the vocabulary without <CALL>: the
+    threshold rule on the normalised entropy (or 1 - max p), computed here independently."""
+    def uncertainty(logits):
+        own = torch.cat([logits[: tok.call_id], logits[tok.call_id + 1:]])  # (V - 1,)
+        dist = torch.distributions.Categorical(logits=own)
+        return dist.entropy() / math.log(len(own)) if kind == "entropy" else 1 - dist.probs.max()
+
+    values = sorted(float(uncertainty(logits_of(slm.model, context_ids(tok, p)))) for p in PROMPTS)
+    threshold = (values[0] + values[1]) / 2  # between the prompts' first-step scores: some call, some not
+    big = StubBig(stub_answer(tok))
+    cascade = Cascade(slm, big, CascadeConfig(rule="threshold", score=kind, threshold=threshold, max_new_tokens=16))
+    generations = cascade.generate(PROMPTS)
+    reference = naive_cascade(slm.model, tok, PROMPTS, ThresholdRule(threshold).decide, stub_answer(tok), 16,
+                              score=uncertainty)
+    check_against_naive(slm, generations, reference, big)
+    assert cascade.score == kind and 0 < sum(g.calls for g in generations) < sum(g.steps for g in generations)
+    # auto: p(CALL) for an SLM trained with <CALL> targets, entropy for a plain LM.
+    plain = ExportedModel(slm.model, tok, {**slm.meta, "strategy": "none"}, slm.path)
+    assert Cascade(plain, big, CascadeConfig()).score == "entropy" and Cascade(slm, big, CascadeConfig()).score == "p_call"
 
 
 def test_rows_that_end_leave_the_batch(slm, tok):
@@ -485,7 +511,7 @@ def test_generate_cli_json_and_text(slm, tok, facts, capsys):
     assert cli.main(["generate", "--slm", str(slm.path.parent), "--big", f"oracle:{facts}", "--prompt", "Anna",
                      "--prompt", "Bo", "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"slm", "big", "rule", "summary", "generations"}
+    assert set(out) == {"slm", "big", "rule", "score", "summary", "generations"}
     assert len(out["generations"]) == 2 and out["generations"][0]["steps"] == 8
     assert {"marked", "called_spans", "calls", "call_rate", "finish"} <= set(out["generations"][0])
     assert cli.main(["generate", "--slm", str(slm.path), "--prompt", "Anna", "--max-new-tokens", "5"]) == 0

@@ -16,7 +16,9 @@ from lacy_fast.data import synth
 from lacy_fast.errors import UserError
 from lacy_fast.eval.factscore import factscore, score_generation
 from lacy_fast.eval.facts import FactTable, Person, read_heldout, value_spans
-from lacy_fast.eval.heldout import TextScores, call_stats, score_texts
+from lacy_fast.cascade.rules import call_scores, resolve_score
+from lacy_fast.eval.heldout import (FREE, KNOWN_FACT, OTHER, UNKNOWN_FACT, TextScores, call_stats, roc_auc,
+                                    score_texts)
 from lacy_fast.eval.leakage import leakage, leaks
 from lacy_fast.eval.plots import plot_sweep
 from lacy_fast.eval.report import format_table
@@ -75,19 +77,49 @@ def test_factscore_micro_macro_and_shares():
 def test_call_stats_and_leakage_by_hand():
     # Six positions; "Tolmere" spans targets 2..3, "biologist" 4..5. Greedy gets Tolmere's
     # first token only (no leak) and both of biologist's (a leak).
+    # Position 1 is free wording, 0 is other.
+    p_call = np.array([0.1, 0.2, 0.9, 0.3, 0.8, 0.05], dtype=np.float32)
     scores = TextScores(targets=np.array([5, 6, 7, 8, 9, 10]), nll=np.zeros(6),
-                        p_call=np.array([0.1, 0.2, 0.9, 0.3, 0.8, 0.05], dtype=np.float32),
+                        scores={"p_call": p_call, "entropy": 1 - p_call},
                         call_argmax=np.array([False, True, True, False, False, False]),
                         greedy=np.array([5, 0, 7, 0, 9, 10]), spans=[("birth_place", 2, 4), ("occupation", 4, 6)],
-                        truncated_facts=0)
+                        truncated_facts=0, free=np.array([False, True, False, False, False, False]))
     stats = call_stats([scores], ArgmaxRule())  # calls at 1 and 2; facts at 2..5
     assert stats["precision"] == pytest.approx(1 / 2) and stats["recall"] == pytest.approx(1 / 4)
     assert stats["recall_first"] == pytest.approx(1 / 2) and stats["call_rate"] == pytest.approx(2 / 6)
     assert stats["mean_p_call_fact"] == pytest.approx((0.9 + 0.3 + 0.8 + 0.05) / 4)
     assert stats["mean_p_call_other"] == pytest.approx((0.1 + 0.2) / 2)
     assert call_stats([scores], ThresholdRule(0.95))["precision"] is None
+    # Tolmere (2..3) is an unknown fact, biologist (4..5) a known one.
+    assert scores.classes().tolist() == [OTHER, FREE, UNKNOWN_FACT, UNKNOWN_FACT, KNOWN_FACT, KNOWN_FACT]
+    assert stats["landing"] == {"unknown_fact": 0.5, "known_fact": 0.0, "free": 0.5, "other": 0.0}
+    # Unknown-fact scores (0.9, 0.3) against the rest (0.1, 0.2, 0.8, 0.05): 7 of 8 pairs.
+    assert stats["score"] == "p_call" and stats["auc"] == pytest.approx(7 / 8)
+    assert stats["auc_first"] == pytest.approx(1.0)  # 0.9 against 0.1 and 0.2
+    flipped = call_stats([scores], ThresholdRule(0.5), "entropy")  # 1 - p_call: the ranking reversed
+    assert flipped["auc"] == pytest.approx(1 / 8)  # calls at 0, 1, 3 and 5: one of each class
+    assert flipped["landing"] == {"unknown_fact": 0.25, "known_fact": 0.25, "free": 0.25, "other": 0.25}
     assert leaks(scores) == [("birth_place", False), ("occupation", True)]
     assert leakage([scores])["leakage"] == pytest.approx(0.5)
+
+
+def test_roc_auc_counts_ties_as_half():
+    assert roc_auc(np.array([1.0, 1.0]), np.array([1.0, 0.0])) == pytest.approx((0.5 + 1 + 0.5 + 1) / 4)
+    assert roc_auc(np.array([0.0]), np.array([1.0, 2.0])) == 0.0
+    assert roc_auc(np.array([]), np.array([1.0])) is None
+
+
+def test_call_scores_are_normalised_uncertainty():
+    call_id = 2
+    logits = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0],  # uniform over the own vocabulary, <CALL> likely
+                           [30.0, 0.0, -5.0, 0.0, 0.0]])  # certain
+    s = call_scores(logits, call_id)
+    assert s["entropy"][0] == pytest.approx(1.0) and s["entropy"][1] == pytest.approx(0.0, abs=1e-6)
+    assert s["max_prob"][0] == pytest.approx(0.75) and s["max_prob"][1] == pytest.approx(0.0, abs=1e-6)
+    assert s["p_call"][0] == pytest.approx(torch.softmax(logits[0], 0)[call_id].item())
+    assert set(call_scores(logits, call_id, ("entropy",))) == {"entropy"}
+    assert resolve_score("auto", "none") == "entropy" and resolve_score("auto", "ignore") == "entropy"
+    assert resolve_score("auto", "lacy") == "p_call" and resolve_score("max_prob", "lacy") == "max_prob"
 
 
 # -- tiny models trained to a known behaviour -------------------------------------------------

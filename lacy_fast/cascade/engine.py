@@ -6,9 +6,9 @@
 
 One decoding step, for every unfinished row of a batch at once:
 
-1. SLM logits at the row's last position, over the real vocabulary; p(CALL) from the full
-   softmax (fp32).
-2. The call rule (``rules.py``) decides from p(CALL) which rows call.
+1. SLM logits at the row's last position, over the real vocabulary (fp32), and the call
+   score (``rules.py``: p(CALL), or the SLM's own uncertainty).
+2. The call rule (``rules.py``) decides from the score which rows call.
 3. A row that does not call emits its own token: the argmax (or a sample at
    ``temperature``, nucleus ``top_p``) with <CALL> excluded. A row that calls gets the big
    model's tokens (one token, a word, or a whole fact value, depending on the big model);
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from lacy_fast.cascade.big import BigModel
-from lacy_fast.cascade.rules import NeverRule, make_rule
+from lacy_fast.cascade.rules import NeverRule, call_scores, make_rule, resolve_score
 from lacy_fast.cascade.slm import ExportedModel, context_ids, left_pad
 from lacy_fast.config import CascadeConfig
 from lacy_fast.errors import UserError
@@ -105,7 +105,8 @@ class Cascade:
     """The SLM with a big model to call (``big=None``: the SLM alone, nothing calls).
 
     The call rule lives as long as the cascade: the budget rule's running quantile
-    calibrates over every batch it decodes.
+    calibrates over every batch it decodes. ``score`` is the call score it ranks, resolved
+    from ``cfg.score`` and the SLM's training strategy.
     """
 
     def __init__(self, slm: ExportedModel, big: BigModel | None, cfg: CascadeConfig,
@@ -113,6 +114,7 @@ class Cascade:
         self.slm, self.big, self.cfg = slm, big, cfg
         self.device = torch.device(device)
         self.rule = make_rule(cfg) if big is not None else NeverRule()
+        self.score = resolve_score(cfg.score, slm.meta.get("strategy"))
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
 
     @torch.inference_mode()
@@ -140,8 +142,8 @@ class Cascade:
         live = list(rows)
         while True:
             logits = model.logits(hidden).float()  # (b, V)
-            p_call = torch.softmax(logits, -1)[:, tok.call_id]  # (b,)
-            calls = self.rule.decide(p_call, logits.argmax(-1) == tok.call_id).tolist()
+            score = call_scores(logits, tok.call_id, (self.score,))[self.score]  # (b,)
+            calls = self.rule.decide(score, logits.argmax(-1) == tok.call_id).tolist()
             own = self._own_tokens(logits).tolist()
             calling = [i for i, c in enumerate(calls) if c]
             answers = dict(zip(calling, self.big.propose(calling, [r.ids for r in live]))) if calling else {}

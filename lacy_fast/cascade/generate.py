@@ -18,11 +18,11 @@ from typing import Any
 from lacy_fast.cascade.big import load_big
 from lacy_fast.cascade.engine import Cascade, summarize
 from lacy_fast.cascade.slm import load_model, resolve_device
-from lacy_fast.config import CALL_RULES, CascadeConfig
+from lacy_fast.config import CALL_RULES, CALL_SCORES, CascadeConfig
 from lacy_fast.errors import ConfigError, UserError
 
 # option -> CascadeConfig field, for the options generate and eval share.
-_CASCADE_OPTIONS = {"rule": "rule", "threshold": "threshold", "budget": "budget", "max_new_tokens": "max_new_tokens",
+_CASCADE_OPTIONS = {"rule": "rule", "score": "score", "threshold": "threshold", "budget": "budget", "max_new_tokens": "max_new_tokens",
                     "temperature": "temperature", "top_p": "top_p", "batch_size": "batch_size",
                     "max_word_tokens": "max_word_tokens", "seed": "seed"}
 
@@ -35,8 +35,11 @@ def add_cascade_arguments(parser: argparse.ArgumentParser, defaults: CascadeConf
                         help="the model called: a lacy-fast export (same tokenizer, next token), a local Hugging Face "
                              "model directory (next word, text-level), oracle:FACTS (the fact table), or none")
     parser.add_argument("--rule", choices=CALL_RULES, default=d.rule, help=f"call rule (default {d.rule})")
+    parser.add_argument("--score", choices=CALL_SCORES, default=d.score,
+                        help="what the threshold and budget rules rank: p_call, entropy or max_prob (the SLM's own "
+                             f"uncertainty); auto: p_call for a LaCy-style SLM, entropy for a plain LM (default {d.score})")
     parser.add_argument("--threshold", type=float, default=d.threshold,
-                        help=f"rule=threshold: call when p(CALL) exceeds this (default {d.threshold})")
+                        help=f"rule=threshold: call when the score exceeds this (default {d.threshold})")
     parser.add_argument("--budget", type=float, default=d.budget,
                         help=f"rule=budget: target share of steps that call (default {d.budget})")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
@@ -72,16 +75,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     slm = load_model(args.slm, device)
     big = load_big(args.big, device, cfg.max_word_tokens)
-    generations = Cascade(slm, big, cfg, device).generate(args.prompt)
+    cascade = Cascade(slm, big, cfg, device)
+    generations = cascade.generate(args.prompt)
     result: dict[str, Any] = {
         "slm": slm.name, "big": big.name if big is not None else "none",
-        "rule": cfg.rule if big is not None else "never",
+        "rule": cfg.rule if big is not None else "never", "score": cascade.score,
         "summary": summarize(generations), "generations": [g.to_dict() for g in generations],
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"SLM {result['slm']} | big {result['big']} | rule {result['rule']} | [[...]]: text from the big model")
+    print(f"SLM {result['slm']} | big {result['big']} | rule {result['rule']} ({result['score']}) | "
+          "[[...]]: text from the big model")
     for g in generations:
         print()
         print(g.marked())

@@ -1,28 +1,38 @@
-"""Call rules: given the SLM's p(CALL) at a decoding step, does it call the big model?
+"""Call rules: given the SLM's call score at a decoding step, does it call the big model?
 
     rule = make_rule(CascadeConfig(rule="budget", budget=0.22))
-    calls = rule.decide(p_call, call_is_argmax)  # (N,) bool
+    scores = call_scores(logits, call_id)             # every score, (N,) each
+    calls = rule.decide(scores["p_call"], call_is_argmax)  # (N,) bool
 
-``p_call`` is p(<CALL>) under the full softmax (temperature 1, whatever the sampling
-temperature); ``call_is_argmax`` says whether <CALL> is the most likely token. Rules see
-the values of one step of a batch together, rows in batch order, and may keep state
-across steps (the budget rule does).
+The call score (``CascadeConfig.score``, temperature 1 whatever the sampling temperature),
+each in [0, 1], higher meaning "call":
+- ``p_call``: p(<CALL>) under the full softmax: what a LaCy-trained SLM learned to signal.
+- ``entropy``: the entropy of the SLM's own next-token distribution (the vocabulary without
+  <CALL>, renormalised: what it would emit) divided by log(V - 1), its maximum.
+- ``max_prob``: 1 - the largest probability of that distribution.
+The last two are the standard deferral signals of LLM cascades: a plain LM, never taught
+to emit <CALL>, defers by its own uncertainty, not by p(<CALL>) of a token it never saw
+as a target. ``auto`` (``resolve_score``) takes p_call for an SLM trained with <CALL>
+targets and entropy for one trained without (strategies none and ignore).
+``call_is_argmax`` says whether <CALL> is the most likely token. Rules see the values of
+one step of a batch together, rows in batch order, and may keep state across steps (the
+budget rule does).
 
 - ``never``: no calls (the SLM alone, <CALL> excluded).
 - ``argmax``: call where <CALL> is the most likely token: what a LaCy model was trained to
   signal.
-- ``threshold``: call where p(CALL) > threshold.
-- ``budget``: call on a target share of steps, whatever the scale of p(CALL), so that
+- ``threshold``: call where the score > threshold.
+- ``budget``: call on a target share of steps, whatever the scale of the score, so that
   models trained with different strategies are compared at an equal call rate (the paper
   deploys ~22%). A running quantile: the threshold is the exact (1 - b) quantile (linear
-  interpolation) of the last ``window`` p(CALL) values seen, the current step's values
-  included, and a step calls where p(CALL) exceeds it. Exact over a window rather than a
+  interpolation) of the last ``window`` scores seen, the current step's values
+  included, and a step calls where the score exceeds it. Exact over a window rather than a
   streaming estimator (P-square, t-digest): with the default window of 4096 floats the
   quantile is one ``torch.quantile`` per step, cheap next to a forward pass, has no
-  approximation to tune, and the window lets the threshold follow p(CALL) as its
+  approximation to tune, and the window lets the threshold follow the score as its
   distribution drifts along a generation.
 
-  Following a drift lags, though: when p(CALL) rises (it does along a generation, all
+  Following a drift lags, though: when the score rises (it does along a generation, all
   rows of a batch moving in step, and in bursts over a multi-token fact), new values land
   above the window's quantile more often than b. Two corrections keep the realised share
   on target:
@@ -31,7 +41,7 @@ across steps (the budget rule does).
     the window fills, about 2 budget - realised share);
   - a cap: a step never calls more often than the budget of all values seen so far allows
     (ceil(budget x values seen) - calls made); when more rows pass the threshold, those
-    with the highest p(CALL) call. The budget is a budget: the realised share never
+    with the highest scores call. The budget is a budget: the realised share never
     exceeds it by more than one call.
   Without them a 4-row generation of the caller model in tests/test_eval.py called on 37%
   of steps for a 30% budget, and a 16 x 40-step batch in tests/test_cascade.py on 32% for
@@ -55,20 +65,50 @@ import torch
 
 from lacy_fast.config import CascadeConfig
 
+# Strategies whose SLM is trained without <CALL> targets: its p(<CALL>) means nothing.
+_NO_CALL_TARGETS = ("none", "ignore")
+
+
+def call_scores(logits: torch.Tensor, call_id: int,
+                kinds: tuple[str, ...] = ("p_call", "entropy", "max_prob")) -> dict[str, torch.Tensor]:
+    """(N, V) logits -> the call scores ``kinds`` of the module docstring, (N,) fp32 each."""
+    logits = logits.float()
+    out = {}
+    if "p_call" in kinds:
+        out["p_call"] = torch.softmax(logits, -1)[:, call_id]  # (N,) full softmax
+    if "entropy" in kinds or "max_prob" in kinds:
+        own = logits.clone()
+        own[:, call_id] = float("-inf")
+        log_q = torch.log_softmax(own, -1)  # (N, V) the SLM's own distribution, <CALL> excluded
+        q = log_q.exp()
+        if "entropy" in kinds:
+            entropy = -(q * log_q.masked_fill(q == 0, 0.0)).sum(-1)  # (N,) with 0 log 0 = 0
+            out["entropy"] = entropy / math.log(max(2, logits.shape[-1] - 1))
+        if "max_prob" in kinds:
+            out["max_prob"] = 1.0 - q.amax(-1)
+    return out
+
+
+def resolve_score(score: str, strategy: str | None) -> str:
+    """``auto`` -> p_call for an SLM trained with <CALL> targets, entropy otherwise."""
+    if score != "auto":
+        return score
+    return "entropy" if strategy in _NO_CALL_TARGETS else "p_call"
+
 
 class CallRule(Protocol):
-    def decide(self, p_call: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
-        """(N,) p(CALL) and (N,) bool -> (N,) bool: which rows call."""
+    def decide(self, score: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
+        """(N,) call scores and (N,) bool -> (N,) bool: which rows call."""
         ...
 
 
 class NeverRule:
-    def decide(self, p_call: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
+    def decide(self, score: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(call_is_argmax)
 
 
 class ArgmaxRule:
-    def decide(self, p_call: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
+    def decide(self, score: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
         return call_is_argmax.clone()
 
 
@@ -76,23 +116,23 @@ class ThresholdRule:
     def __init__(self, threshold: float):
         self.threshold = threshold
 
-    def decide(self, p_call: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
-        return p_call > self.threshold
+    def decide(self, score: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
+        return score > self.threshold
 
 
 class BudgetRule:
-    """Calls on a ``budget`` share of steps: p(CALL) above a running quantile, debt-corrected."""
+    """Calls on a ``budget`` share of steps: the score above a running quantile, debt-corrected."""
 
     def __init__(self, budget: float, window: int = 4096):
         self.budget = budget
         self.window = window
-        self.values = torch.empty(window, dtype=torch.float32)  # ring buffer of recent p(CALL), on the host
+        self.values = torch.empty(window, dtype=torch.float32)  # ring buffer of recent scores, on the host
         self.seen = 0  # values ever recorded
         self.calls = 0  # calls ever decided
         self.threshold = float("nan")  # the last threshold used (for reports)
 
-    def decide(self, p_call: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
-        p = p_call.detach().float()  # (N,)
+    def decide(self, score: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
+        p = score.detach().float()  # (N,)
         debt = self.budget * self.seen - self.calls  # calls owed so far (negative: made too many)
         self._record(p.cpu())
         if self.budget <= 0.0:
@@ -106,7 +146,7 @@ class BudgetRule:
         # The cap: never more calls than the budget of every value seen so far allows.
         allowance = max(0, math.ceil(self.budget * self.seen - self.calls - 1e-9))
         if int(calls.sum()) > allowance:
-            top = torch.topk(torch.where(calls, p, -1.0), allowance).indices  # (allowance,) highest p(CALL)
+            top = torch.topk(torch.where(calls, p, -1.0), allowance).indices  # (allowance,) highest scores
             calls = torch.zeros_like(calls)
             calls[top] = True
         self.calls += int(calls.sum())

@@ -38,6 +38,7 @@ class Person:
     name: str
     pronoun: str
     facts: dict[str, str]
+    bucket: str | None = None  # popularity: "frequent" or "rare" (None in tables without it)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class StatedFact:
 class HeldOut:
     person: Person
     text: str
+    free: tuple[tuple[int, int], ...] = ()  # character spans of the text's free wording
 
 
 class FactTable:
@@ -112,13 +114,14 @@ def read_heldout(path: str | Path, table: FactTable) -> list[HeldOut]:
         try:
             row = json.loads(line)
             pid, text = row["id"], row["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            free = tuple((int(a), int(b)) for a, b in row.get("free", ()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise UserError(f"{path}:{n} is not a held-out row {{\"id\", \"text\"}}; pass heldout.jsonl of "
                             "`lacy-fast synth`")
         if pid not in table.by_id:
             raise UserError(f"{path}:{n} is about person {pid}, who is not in {table.path}; pass the facts.jsonl "
                             "written together with this held-out file")
-        out.append(HeldOut(table.by_id[pid], text))
+        out.append(HeldOut(table.by_id[pid], text, free))
     return out
 
 
@@ -146,7 +149,8 @@ def _person(line: str, path: Path, n: int) -> Person:
     hint = f"is not a row of the built-in fact table ({{\"id\", \"name\", \"pronoun\", \"facts\"}}); pass {_FACTS}"
     try:
         row = json.loads(line)
-        person = Person(int(row["id"]), str(row["name"]), str(row.get("pronoun", "")), dict(row["facts"]))
+        person = Person(int(row["id"]), str(row["name"]), str(row.get("pronoun", "")), dict(row["facts"]),
+                        row.get("bucket"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UserError(f"{path}:{n} {hint}")
     unknown = set(person.facts) - set(ATTRIBUTES)

@@ -19,13 +19,22 @@ whose characters overlap the value, leading whitespace excluded, as
   targets (a held-out text never has <CALL> as target, and the renormalisation is what the
   LaCy objective trains, so models that call and models that don't are comparable); also
   over fact and other positions apart.
-- Calls: at every position the call rule (``cascade/rules.py``) decides from p(CALL), as it
-  would in generation, positions fed in text order (the budget rule calibrates on them).
-  ``precision`` = calls at fact positions / calls, ``recall`` = calls at fact positions /
-  fact positions, ``recall_first`` = share of values whose first token is called (a call
-  there is enough for a big model that supplies the word or the value). The mean p(CALL)
-  on fact positions against the other positions shows how well the model separates them
-  whatever the rule.
+- Calls: at every position the call rule (``cascade/rules.py``) decides from the call score
+  (p(CALL), or the SLM's own uncertainty), as it would in generation, positions fed in text
+  order (the budget rule calibrates on them). ``precision`` = calls at fact positions /
+  calls, ``recall`` = calls at fact positions / fact positions, ``recall_first`` = share of
+  values whose first token is called (a call there is enough for a big model that supplies
+  the word or the value). The mean p(CALL) on fact positions against the other positions
+  shows how well the model separates them whatever the rule.
+- Where calls land, and whom the score separates. Each position is one of: an *unknown
+  fact* (a token of a value the SLM does not know: greedy decoding from the gold prefix,
+  <CALL> forbidden, does not reproduce the whole value, as in ``leakage.py``), a *known
+  fact* (a token of a value it reproduces), *free wording* (a token of the held-out text's
+  free-wording spans, ``heldout.jsonl`` ``free``: an acceptable alternative), or *other*.
+  ``landing`` = the share of the rule's calls in each class; ``auc`` = the ROC AUC of the
+  call score between unknown-fact tokens and all other positions (0.5: no separation, 1:
+  every unknown-fact token above every other position), ``auc_first`` the same for the
+  first token of each unknown value against every position outside a value.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lacy_fast.cascade.rules import CallRule
+from lacy_fast.cascade.rules import CallRule, call_scores
 from lacy_fast.cascade.slm import ExportedModel
 from lacy_fast.eval.facts import HeldOut, value_spans
 from lacy_fast.progress import Progress
@@ -48,11 +57,16 @@ class TextScores:
 
     targets: np.ndarray  # int64 token ids
     nll: np.ndarray  # float64 -log(p(y) / (1 - p(CALL)))
-    p_call: np.ndarray  # float32 p(CALL), full softmax
+    scores: dict[str, np.ndarray]  # float32 call scores (rules.call_scores): p_call, entropy, max_prob
     call_argmax: np.ndarray  # bool: <CALL> is the most likely token
     greedy: np.ndarray  # int64 argmax with <CALL> excluded
     spans: list[tuple[str, int, int]]  # (attribute, first, last + 1) target positions of each value
     truncated_facts: int  # values past the context cut
+    free: np.ndarray  # bool: the target is a token of a free-wording span
+
+    @property
+    def p_call(self) -> np.ndarray:
+        return self.scores["p_call"]
 
     @property
     def fact(self) -> np.ndarray:
@@ -61,6 +75,21 @@ class TextScores:
         for _, lo, hi in self.spans:
             mask[lo:hi] = True
         return mask
+
+    def known(self) -> list[bool]:
+        """Per value of ``spans``: greedy decoding from the gold prefix reproduces it."""
+        return [bool(np.array_equal(self.greedy[lo:hi], self.targets[lo:hi])) for _, lo, hi in self.spans]
+
+    def classes(self) -> np.ndarray:
+        """(T,) int8 class of each position: UNKNOWN_FACT, KNOWN_FACT, FREE or OTHER."""
+        out = np.where(self.free, FREE, OTHER).astype(np.int8)
+        for (_, lo, hi), known in zip(self.spans, self.known()):
+            out[lo:hi] = KNOWN_FACT if known else UNKNOWN_FACT
+        return out
+
+
+UNKNOWN_FACT, KNOWN_FACT, FREE, OTHER = 0, 1, 2, 3
+CLASSES = ("unknown_fact", "known_fact", "free", "other")
 
 
 @torch.inference_mode()
@@ -75,6 +104,9 @@ def score_texts(slm: ExportedModel, texts: list[HeldOut], *, batch_size: int = 1
         inputs = [tok.eos_id] + ids.tolist()  # context_ids(tok, h.text): EOS, then the text
         targets = inputs[1:] + [tok.eos_id]
         spans, cut = [], 0
+        free = np.zeros(len(targets), dtype=bool)
+        for f_start, f_end in h.free:
+            free[np.flatnonzero((starts < f_end) & (ends > f_start))] = True  # target j is token j
         for attr, (v_start, v_end) in value_spans(h.text, h.person).items():
             inside = np.flatnonzero((starts < v_end) & (ends > v_start))  # token j is target position j
             if len(inside) == 0:
@@ -83,7 +115,7 @@ def score_texts(slm: ExportedModel, texts: list[HeldOut], *, batch_size: int = 1
                 cut += 1
             else:
                 spans.append((attr, int(inside[0]), int(inside[-1]) + 1))
-        items.append((inputs[:limit], targets[:limit], sorted(spans, key=lambda s: s[1]), cut))
+        items.append((inputs[:limit], targets[:limit], sorted(spans, key=lambda s: s[1]), cut, free[:limit]))
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     out: list[TextScores | None] = [None] * len(items)
     for start in range(0, len(order), batch_size):
@@ -95,26 +127,27 @@ def score_texts(slm: ExportedModel, texts: list[HeldOut], *, batch_size: int = 1
             ids[row, : len(items[i][0])] = torch.tensor(items[i][0])
         hidden = model(ids.to(device))  # (B, T, D)
         for row, i in enumerate(chunk):
-            inputs, targets, spans, cut = items[i]
-            out[i] = _score_row(model.logits(hidden[row, : len(inputs)]).float(), targets, tok.call_id, spans, cut)
+            inputs, targets, spans, cut, free = items[i]
+            out[i] = _score_row(model.logits(hidden[row, : len(inputs)]).float(), targets, tok.call_id, spans, cut,
+                                free)
         if progress is not None:
             progress.update(len(chunk))
     return [s for s in out if s is not None]
 
 
 def _score_row(logits: torch.Tensor, targets: list[int], call_id: int, spans: list[tuple[str, int, int]],
-               cut: int) -> TextScores:
+               cut: int, free: np.ndarray) -> TextScores:
     """(T, V) fp32 logits of one text -> its per-position scores."""
     y = torch.tensor(targets, device=logits.device)  # (T,)
-    p_call = torch.softmax(logits, -1)[:, call_id]  # (T,)
+    scores = {k: v.cpu().numpy() for k, v in call_scores(logits, call_id).items()}  # (T,) each
     call_argmax = logits.argmax(-1) == call_id  # (T,)
     masked = logits.clone()
     masked[:, call_id] = float("-inf")
     # log(p(y) / (1 - p(CALL))) is the log-softmax over the vocabulary without <CALL>.
     nll = -torch.log_softmax(masked, -1).gather(1, y[:, None])[:, 0]  # (T,)
     greedy = masked.argmax(-1)  # (T,)
-    return TextScores(np.asarray(targets, dtype=np.int64), nll.double().cpu().numpy(), p_call.cpu().numpy(),
-                      call_argmax.cpu().numpy(), greedy.cpu().numpy(), spans, cut)
+    return TextScores(np.asarray(targets, dtype=np.int64), nll.double().cpu().numpy(), scores,
+                      call_argmax.cpu().numpy(), greedy.cpu().numpy(), spans, cut, free)
 
 
 def perplexity(scores: list[TextScores]) -> dict[str, Any]:
@@ -129,11 +162,12 @@ def perplexity(scores: list[TextScores]) -> dict[str, Any]:
             "fact_tokens": int(fact.sum())}
 
 
-def call_stats(scores: list[TextScores], rule: CallRule) -> dict[str, Any]:
-    """The rule's calls at every held-out position against the fact positions."""
+def call_stats(scores: list[TextScores], rule: CallRule, score: str = "p_call") -> dict[str, Any]:
+    """The rule's calls on ``score`` at every held-out position against the fact positions,
+    where they land, and how the score separates unknown facts from the rest."""
     calls, facts, firsts = [], [], []
     for s in scores:
-        decided = rule.decide(torch.from_numpy(s.p_call), torch.from_numpy(s.call_argmax)).numpy()  # (T,)
+        decided = rule.decide(torch.from_numpy(s.scores[score]), torch.from_numpy(s.call_argmax)).numpy()  # (T,)
         calls.append(decided)
         facts.append(s.fact)
         firsts += [bool(decided[lo]) for _, lo, _ in s.spans]
@@ -144,7 +178,24 @@ def call_stats(scores: list[TextScores], rule: CallRule) -> dict[str, Any]:
     precision = hits / int(call.sum()) if call.any() else None
     recall = hits / int(fact.sum()) if fact.any() else None
     f1 = 2 * precision * recall / (precision + recall) if precision and recall else None
+    classes = np.concatenate([s.classes() for s in scores])  # (P,)
+    value = np.concatenate([s.scores[score] for s in scores]).astype(np.float64)  # (P,)
+    first = np.zeros(len(value), dtype=bool)  # first token of an unknown value
+    offset = 0
+    for s in scores:
+        for (_, lo, _), known in zip(s.spans, s.known()):
+            first[offset + lo] = not known
+        offset += len(s.targets)
+    outside = (classes == FREE) | (classes == OTHER)
     return {
+        "score": score,
+        "auc": roc_auc(value[classes == UNKNOWN_FACT], value[classes != UNKNOWN_FACT]),
+        "auc_first": roc_auc(value[first], value[outside]),
+        "landing": {name: float((classes[call] == k).mean()) if call.any() else None
+                    for k, name in enumerate(CLASSES)},
+        "class_share": {name: float((classes == k).mean()) if len(classes) else 0.0 for k, name in enumerate(CLASSES)},
+        "mean_score": {name: float(value[classes == k].mean()) if (classes == k).any() else None
+                       for k, name in enumerate(CLASSES)},
         "precision": precision,
         "recall": recall,
         "f1": f1,
@@ -155,3 +206,21 @@ def call_stats(scores: list[TextScores], rule: CallRule) -> dict[str, Any]:
         "mean_p_call_other": float(p[~fact].mean()) if (~fact).any() else None,
         "positions": int(len(call)),
     }
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """P(a positive scores above a negative) + P(tie) / 2 (the Mann-Whitney U statistic over
+    |pos| |neg|); None when either side is empty."""
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    both = np.concatenate([positive, negative])
+    order = np.argsort(both, kind="stable")
+    ranks = np.empty(len(both), dtype=np.float64)
+    sorted_values = both[order]
+    # Average ranks over ties: each run of equal values gets the mean of its 1-based ranks.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(both)]
+    for lo, hi in zip(starts, ends):
+        ranks[order[lo:hi]] = (lo + 1 + hi) / 2
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

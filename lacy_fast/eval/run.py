@@ -15,7 +15,10 @@ The evaluated people are the first ``people`` of ``heldout.jsonl`` (beside the f
 unless given). Each measure is defined in its module:
 
 - FactScore (``factscore.py``): generate from each person's name with the cascade, extract
-  the stated facts with the fact table, supported / stated.
+  the stated facts with the fact table, supported / stated; also per popularity bucket
+  (``factscore_frequent``, ``factscore_rare``) when the fact table has buckets.
+- ``score``: the call score the rules rank (``CascadeConfig.score``, ``auto`` resolved from
+  the SLM's training strategy: p(CALL), or entropy for a plain LM).
 - ``call_rate``: share of the generation's decoding steps at which the rule called.
 - Leakage (``leakage.py``) and perplexity / call precision and recall (``heldout.py``): one
   teacher-forced pass over the people's held-out texts, with the SLM alone.
@@ -24,7 +27,8 @@ unless given). Each measure is defined in its module:
 (call_rate 0); the held-out call statistics still show where the rule *would* call.
 
 Result (JSON): ``factscore`` (macro FactScore, None when no fact was stated),
-``call_rate``, ``leakage``, ``perplexity``, then ``factscore_detail``, ``generation``
+``factscore_<bucket>``, ``call_rate``, ``leakage``, ``perplexity``, ``score``, then
+``factscore_detail``, ``factscore_by_bucket``, ``generation``
 (cascade counts), ``calls`` (held-out precision / recall), ``leakage_detail``,
 ``perplexity_detail``, ``samples`` (a few generations with the big model's spans marked),
 ``slm``, ``big``, ``rule``, ``rule_heldout``, ``people``, ``config``, ``seconds``; with
@@ -44,7 +48,7 @@ import torch
 from lacy_fast.cascade.big import BigModel, LacyBig, load_big
 from lacy_fast.cascade.engine import Cascade, Generation, summarize
 from lacy_fast.cascade.generate import add_cascade_arguments, cascade_config
-from lacy_fast.cascade.rules import make_rule
+from lacy_fast.cascade.rules import make_rule, resolve_score
 from lacy_fast.cascade.slm import ExportedModel, load_model, resolve_device
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.errors import ConfigError, UserError
@@ -83,8 +87,9 @@ def evaluate(slm: SlmLike, big: BigLike, facts_path: str | Path, *, heldout_path
     bar.close()
     t2 = time.perf_counter()
 
-    fs = factscore(table, people, [g.text for g in generations])
+    fs, by_bucket = _factscores(table, people, generations)
     gen = summarize(generations)
+    score = resolve_score(cfg.cascade.score, slm.meta.get("strategy"))
     leak, ppl = leakage(scores), perplexity(scores)
     samples = []
     for person, g in zip(people[: cfg.samples], generations):
@@ -92,12 +97,15 @@ def evaluate(slm: SlmLike, big: BigLike, facts_path: str | Path, *, heldout_path
         samples.append({"person": person.name, "marked": g.marked(), "facts": [dataclasses.asdict(f) for f in facts]})
     return {
         "factscore": fs["macro"],
+        **{f"factscore_{b}": f["macro"] for b, f in by_bucket.items()},
         "call_rate": gen["call_rate"],
         "leakage": leak["leakage"],
         "perplexity": ppl["perplexity"],
+        "score": score,
         "factscore_detail": fs,
+        "factscore_by_bucket": by_bucket,
         "generation": gen,
-        "calls": call_stats(scores, make_rule(cfg.cascade)),
+        "calls": call_stats(scores, make_rule(cfg.cascade), score),
         "leakage_detail": leak,
         "perplexity_detail": ppl,
         "samples": samples,
@@ -130,13 +138,24 @@ def sweep(slm: SlmLike, big: BigLike, facts_path: str | Path, *, budgets: tuple[
     for budget in budgets if budgets is not None else cfg.sweep:
         run_cfg = dataclasses.replace(cfg.cascade, rule="budget", budget=budget)
         generations = _generate(slm, big, run_cfg, people, device, progress, label=f"sweep {budget:.2f}")
-        fs, gen = factscore(table, people, [g.text for g in generations]), summarize(generations)
+        (fs, by_bucket), gen = _factscores(table, people, generations), summarize(generations)
         points.append({"budget": budget, "call_rate": gen["call_rate"], "answered_rate": gen["answered_rate"],
                        "factscore": fs["macro"], "factscore_micro": fs["micro"],
+                       **{f"factscore_{b}": f["macro"] for b, f in by_bucket.items()},
                        "facts_per_generation": fs["facts_per_generation"],
                        "supported_per_generation": fs["supported_per_generation"],
                        "share_with_facts": fs["share_with_facts"]})
     return points
+
+
+def _factscores(table: FactTable, people: list[Person], generations: list[Generation]
+                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """FactScore of the generations, and per popularity bucket of their people."""
+    texts = [g.text for g in generations]
+    by_bucket = {b: factscore(table, [p for p in people if p.bucket == b],
+                              [t for p, t in zip(people, texts) if p.bucket == b])
+                 for b in sorted({p.bucket for p in people if p.bucket is not None})}
+    return factscore(table, people, texts), by_bucket
 
 
 def _generate(slm: ExportedModel, big: BigModel | None, cfg: CascadeConfig, people: list[Person],
