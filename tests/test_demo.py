@@ -1,5 +1,6 @@
-"""The main job at a minimal size: every stage runs, results.json has the contract's rows,
-the report and plots are written, a rerun reuses everything, bad options are one line."""
+"""The main job at a minimal size: every stage runs, results.json keeps the contract that
+outside checks read, the report and plots are written, a rerun reuses everything and a
+fresh rerun with the same seeds reproduces results.json, bad options are one line."""
 import dataclasses
 import json
 import subprocess
@@ -7,47 +8,73 @@ import sys
 
 import pytest
 
-from lacy_fast.demo import SCALES, STRATEGIES, run_demo
+from lacy_fast.demo import SCALES, STRATEGIES, format_rows, run_demo
 
-SMOKE = dataclasses.replace(SCALES["cpu"], people=30, renderings=2, heldout=0.5, vocab=400, seq_len=64,
-                            micro_batch=4, big="tiny", big_epochs=1.0, slm_gt_share=0.4, eval_people=8,
+SMOKE = dataclasses.replace(SCALES["cpu"], people=30, frequent_share=0.2, frequent_docs=3, heldout=0.5, vocab=400,
+                            seq_len=64, micro_batch=4, ref="tiny", slm_epochs=1.0, ref_epochs=1.0, eval_people=8,
                             max_new_tokens=12, sweep=(0.0, 0.5, 1.0))
+CONTRACT = {"strategy", "mode", "factscore", "factscore_frequent", "factscore_rare", "call_rate", "leakage",
+            "perplexity", "call_auc", "train_call_rate", "seeds", "score"}
 
 
-def test_demo_end_to_end_at_a_minimal_size(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rows = run_demo(out, SMOKE, quiet=True)
-    table = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out, SMOKE, seeds=2, quiet=True)
+
+
+def test_results_keep_the_contract(demo):
+    out, rows = demo
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(rows))
     for row in saved:
-        assert {"strategy", "factscore", "call_rate", "leakage", "perplexity"} <= set(row)
+        assert CONTRACT <= set(row), CONTRACT - set(row)
+        assert row["seeds"] == (1 if row["strategy"] == "big" else 2)
+        if row["factscore"] is not None and row["strategy"] != "big":
+            assert "factscore_std" in row
     modes = {(r["strategy"], r["mode"]) for r in saved}
-    for s in STRATEGIES:  # the cascade-free SLM too
+    for s in STRATEGIES:
         assert {(s, "slm"), (s, "cascade"), (s, "cascade-argmax")} <= modes
     assert ("big", "alone") in modes
     assert all(r["call_rate"] == 0 for r in saved if r["mode"] in ("slm", "alone"))
+    # The plain LM calls by its own uncertainty, the others by p(<CALL>); none never trains <CALL>.
+    by = {(r["strategy"], r["mode"]): r for r in saved}
+    assert by[("none", "cascade")]["score"] == "entropy" and by[("lacy", "cascade")]["score"] == "p_call"
+    assert by[("none", "slm")]["train_call_rate"] == 0 and by[("lacy", "slm")]["train_call_rate"] > 0
     # Equal budgets: every SLM trained on the same number of ground-truth tokens (to one step).
     gt = [r["gt_tokens"] for r in saved if r["mode"] == "slm"]
     assert max(gt) - min(gt) <= SMOKE.seq_len * SMOKE.micro_batch
-    for name in ("curves.png", "sweep.png"):
+
+
+def test_report_and_plots_are_written(demo):
+    out, rows = demo
+    for name in ("curves.png", "sweep.png", "regime.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
-    assert "## What the table shows" in report and "lacy" in table and "FactScore" in table
+    assert "## The regime" in report and "## What the table shows" in report and "±" in report
     assert set(json.loads((out / "sweep.json").read_text())) == set(STRATEGIES)
+    table = format_rows(rows)
+    assert "lacy cascade" in table and "FactScore" in table and "±" in table
 
-    # A rerun with the same settings reuses every stage; other settings are refused.
-    again = run_demo(out, SMOKE, quiet=True)
-    assert [r["train_steps"] for r in again] == [r["train_steps"] for r in rows]
+
+def test_rerun_reuses_and_fresh_rerun_reproduces(demo, tmp_path):
+    out, rows = demo
+    again = run_demo(out, SMOKE, seeds=2, quiet=True)  # every stage is there: nothing retrains
+    assert again == rows
     from lacy_fast.errors import UserError
 
     with pytest.raises(UserError, match="other settings"):
-        run_demo(out, dataclasses.replace(SMOKE, people=31), quiet=True)
+        run_demo(out, dataclasses.replace(SMOKE, people=31), seeds=2, quiet=True)
+    # Same settings and seeds, another directory: the same results.json, number for number.
+    fresh = run_demo(tmp_path / "again", SMOKE, strategies=("none", "lacy"), seeds=1, quiet=True)
+    first = run_demo(tmp_path / "first", SMOKE, strategies=("none", "lacy"), seeds=1, quiet=True)
+    assert fresh == first
 
 
 @pytest.mark.parametrize("args, words", [
     (["--strategies", "magic"], "--strategies has magic"),
     (["--people", "5"], "at least 20"),
+    (["--seeds", "0"], "--seeds is 0"),
     (["--scale", "huge"], "invalid choice"),
 ])
 def test_demo_bad_options_are_one_line(tmp_path, args, words):

@@ -135,23 +135,40 @@ FILLERS = (
 # spaCy's fact rule (PROPN, NUM) leaves them alone (tests/test_data_synth.py measures it),
 # and none is a value of the fact table.
 FREE_WORDS: dict[str, tuple[str, ...]] = {
-    "adj": ("careful", "patient", "generous", "quiet", "clear", "bold", "cheerful", "curious", "modest", "diligent",
-            "thoughtful", "stubborn", "witty", "gentle", "shy", "calm", "humble", "meticulous", "playful", "reserved",
-            "serious", "sincere", "warm", "frank", "tireless", "restless", "brilliant", "lively", "kind", "loyal",
-            "cautious", "decisive", "friendly", "reliable", "sociable", "practical", "steady", "sharp", "talkative",
-            "gracious", "spirited", "demanding", "forgiving", "nervous", "proud", "strict", "dreamy", "blunt"),
+    "adj": ("careful", "patient", "generous", "quiet", "clear", "bold", "cheerful", "curious", "modest",
+            "diligent", "thoughtful", "stubborn", "witty", "gentle", "shy", "calm", "humble", "meticulous",
+            "playful", "reserved", "serious", "sincere", "warm", "frank", "tireless", "restless", "brilliant",
+            "lively", "kind", "loyal", "cautious", "decisive", "friendly", "reliable", "sociable", "practical",
+            "steady", "sharp", "talkative", "gracious", "spirited", "demanding", "forgiving", "nervous", "proud",
+            "strict", "dreamy", "blunt", "candid", "cordial", "daring", "dutiful", "fearless", "fussy", "genial",
+            "gloomy", "graceful", "hardy", "hasty", "jolly", "jovial", "keen", "lenient", "loving", "mellow",
+            "merry", "methodical", "mild", "nimble", "peaceful", "pensive", "placid", "polite", "punctual",
+            "quirky", "rational", "sensible", "serene", "shrewd", "sober", "solemn", "sporty", "stoic", "studious",
+            "suave", "sunny", "tactful", "tender", "tidy", "tolerant", "tough", "trusting", "vivid", "wary",
+            "wise", "zealous", "breezy", "bright", "brisk", "canny", "capable", "charming", "clever", "cool",
+            "crafty", "dapper", "devoted"),
     "pastime": ("walking and reading", "gardening", "sailing", "playing chess", "cooking", "fishing", "cycling",
                 "hiking", "swimming", "knitting", "baking bread", "singing in a choir", "climbing", "rowing",
                 "carving wood", "watching birds", "reading poetry", "playing tennis", "dancing", "skating",
                 "camping", "drawing", "solving puzzles", "travelling", "studying maps", "collecting stamps",
                 "playing the piano", "painting landscapes", "writing letters", "walking the dog",
                 "restoring furniture", "growing roses", "keeping bees", "mending clocks", "visiting museums",
-                "learning languages", "riding horses", "playing cards", "repairing bicycles", "making pottery"),
+                "learning languages", "riding horses", "playing cards", "repairing bicycles", "making pottery",
+                "brewing beer", "making jam", "fencing", "playing golf", "running", "bowling", "gliding",
+                "kayaking", "sketching birds", "pressing flowers", "building models", "binding books",
+                "sewing quilts", "playing the cello", "playing the flute", "singing folk songs", "writing plays",
+                "translating poems", "collecting shells", "collecting coins", "tending goats", "growing tomatoes",
+                "watching films", "going to concerts", "visiting friends", "walking in the hills",
+                "swimming in the sea", "playing billiards", "doing crosswords", "reading novels"),
     "topic": ("music and languages", "history", "poetry", "astronomy", "botany", "architecture", "theatre",
               "philosophy", "mathematics", "politics", "gardening", "sailing", "cooking", "travel", "religion",
               "economics", "folk songs", "old maps", "geology", "medicine", "education", "engineering", "printing",
               "weather", "farming", "trains", "birds", "chess", "sculpture", "opera", "film", "law", "ethics",
-              "cartography", "navigation", "painting", "ceramics", "textiles", "forestry", "clocks"),
+              "cartography", "navigation", "painting", "ceramics", "textiles", "forestry", "clocks", "bridges",
+              "rivers", "mountains", "insects", "mushrooms", "fossils", "volcanoes", "tides", "lighthouses",
+              "ships", "coins", "myths", "fairy tales", "grammar", "logic", "rhetoric", "dance", "jazz", "hymns",
+              "gardens", "castles", "cathedrals", "windmills", "railways", "canals", "bees", "horses", "wine",
+              "tea", "cheese"),
 }
 
 # Free wording between sentences: a connective before a sentence (never the first one), or
@@ -159,7 +176,9 @@ FREE_WORDS: dict[str, tuple[str, ...]] = {
 CONNECTIVES = ("Later", "Meanwhile", "Afterwards", "Eventually", "Notably", "In time", "Over the years", "By then",
                "Soon after", "In the end", "Back then", "Even so", "In particular", "At the time", "Before long",
                "In those years", "Interestingly", "Unusually", "Reportedly", "By all accounts", "Curiously",
-               "Of course", "As it happened", "Around that time")
+               "Of course", "As it happened", "Around that time", "Still", "Besides", "Then", "Thereafter",
+               "For a while", "Now and then", "To be sure", "Indeed", "Moreover", "Similarly", "Likewise",
+               "Naturally", "Predictably", "Surprisingly", "Fittingly", "Happily")
 CONNECTIVE_SHARE = 0.4  # of the sentences after the first, when the wording is free
 
 # How a biography mentions a frequent person: popular people turn up in other people's

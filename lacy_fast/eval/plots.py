@@ -6,7 +6,9 @@ draws, per run, the loss, the loss on ground-truth targets, the loss on <CALL> t
 and the call rate against the step, from each run's ``metrics.jsonl``.
 
 ``plot_sweep`` draws the evaluation's FactScore vs call-rate curves (``lacy-fast eval
---sweep``, ``lacy_fast.eval.run.sweep``), one line per model.
+--sweep``, ``lacy_fast.eval.run.sweep``), one line per model. ``plot_regime`` draws the
+demo's regime diagnostics: FactScore on frequent and rare people, alone and in cascade,
+and where each SLM's calls land.
 """
 from __future__ import annotations
 
@@ -116,6 +118,43 @@ def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     axes[0].set_ylim(-0.02, 1.02)
     axes[1].set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_regime(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Two panels from the demo's rows (``lacy_fast.demo``): FactScore on frequent and rare
+    people, alone and in cascade, per strategy (error bars: the seed spread); and the share
+    of the cascade's held-out calls on unknown facts, known facts, free wording and other."""
+    import numpy as np
+
+    by = {(r["strategy"], r["mode"]): r for r in rows}
+    names = [r["strategy"] for r in rows if r["mode"] == "slm"]
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.4))
+    bars = [("alone, frequent", "slm", "factscore_frequent"), ("alone, rare", "slm", "factscore_rare"),
+            ("cascade, frequent", "cascade", "factscore_frequent"), ("cascade, rare", "cascade", "factscore_rare")]
+    x = np.arange(len(names))
+    width = 0.8 / len(bars)
+    for i, (label, mode, key) in enumerate(bars):
+        values = [(by.get((n, mode)) or {}).get(key) for n in names]
+        errors = [(by.get((n, mode)) or {}).get(f"{key}_std") or 0.0 for n in names]
+        axes[0].bar(x + (i - (len(bars) - 1) / 2) * width, [v if v is not None else 0.0 for v in values], width,
+                    yerr=errors if any(errors) else None, label=label, capsize=2)
+    axes[0].set_xticks(x, names)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("FactScore by popularity bucket (cascade: equal call budget)", fontsize=10)
+    axes[0].legend(fontsize=8)
+    axes[0].grid(alpha=0.3, axis="y")
+    classes = [("unknown facts", "calls_unknown_fact"), ("known facts", "calls_known_fact"),
+               ("free wording", "calls_free"), ("other", "calls_other")]
+    left = np.zeros(len(names))
+    for label, key in classes:
+        values = np.array([(by.get((n, "cascade")) or {}).get(key) or 0.0 for n in names])
+        axes[1].barh(names, values, left=left, label=label)
+        left += values
+    axes[1].set_xlim(0, 1)
+    axes[1].invert_yaxis()
+    axes[1].set_title("where the cascade's calls land (held-out text)", fontsize=10)
+    axes[1].legend(fontsize=8, loc="lower right")
     return _save(fig, out)
 
 
