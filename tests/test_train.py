@@ -296,10 +296,10 @@ def test_a_run_out_dir_loads_as_its_export(data, tmp_path):
 def test_rho_trains_against_a_reference_model(data, tmp_path):
     """Rho-1's excess loss: the reference export runs forward without gradients in the loop."""
     train(tmp_path / "ref", data, "train.max_steps=3", "objective.strategy=none")
-    train(tmp_path / "rho", data, "train.max_steps=3", "objective.strategy=rho",
+    train(tmp_path / "rho", data, "train.max_steps=3", "objective.strategy=rho", "objective.call_rate=0.6",
           f"objective.ref_checkpoint={tmp_path / 'ref' / 'export'}")
     rows = metrics(tmp_path / "rho")
-    # rho relabels floor(0.6 * valid targets) of each micro-batch by excess loss.
+    # rho relabels floor(call_rate * valid targets) of each micro-batch by excess loss.
     assert all(abs(r["call_rate"] - 0.6) < 0.01 for r in rows)
     other = tmp_path / "other-tok"  # a reference on another tokenizer is refused
     import shutil

@@ -660,7 +660,8 @@ class Trainer:
             kept = (f"{self.out}/checkpoints/step_{self.last_saved:08d} and {self.out}/export hold the last finite "
                     f"state (step {self.last_saved}), and rerunning with a lower train.lr (or more "
                     "train.warmup_steps) resumes from it")
-        return UserError(f"training diverged: {what} is not finite at step {step}, so nothing of it was saved; {kept}")
+        return UserError(f"training diverged: {what} is not finite at step {step}, and nothing from that step on was "
+                         f"saved; {kept}")
 
     def close(self) -> None:
         if self.batches is not None:
