@@ -5,7 +5,7 @@
 Providers, side by side in one run on the same documents, each in this one process with
 one thread (a worker of ``prepare`` is one such process):
 - ``full``: plain spaCy ``nlp.pipe`` with every component of the pipeline (parser,
-  lemmatizer, ...) and the complete proxy of DESIGN.md read from its output: the 18
+  lemmatizer, ...) and the complete proxy (docs/method.md, section 1) read from its output: the 18
   OntoNotes entity types or POS PROPN/NUM. These are the reference labels.
 - ``default``: ``FactLabeler`` as ``prepare`` runs it by default: POS PROPN/NUM from the
   tagger alone (tok2vec + tagger, the attribute ruler replaced by a tag lookup).

@@ -3,7 +3,7 @@
     loss, stats = lacy_linear_cross_entropy(hidden, weight, targets, flags, call_id,
                                             strategy="lacy", call_fraction=0.6)
 
-The method (DESIGN.md, "The method, precisely"): per position the logits z = W h; the
+The method (docs/method.md): per position the logits z = W h; the
 highest-loss share of the candidate targets becomes <CALL> (loss -log p(CALL), full
 softmax); every other valid target is scored by cross-entropy with <CALL> excluded and
 the rest renormalised, nll = lse_nc - z_y. Semantic details and the pure-PyTorch
@@ -33,6 +33,7 @@ import types
 import torch
 
 from lacy_fast.errors import UserError
+from lacy_fast.method import IMPLS  # the implementation names, defined once
 
 from .lacy_ce_reference import (
     STRATEGIES,
@@ -55,7 +56,6 @@ except ImportError:  # no triton wheel for this platform: the torch paths still 
     triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
-IMPLS = ("auto", "triton", "torch", "chunked")
 AUTOTUNE_ENV = "LACY_FAST_AUTOTUNE"  # "1": triton.autotune picks the tiles (never in the interpreter)
 # Start of the running max: finite, so exp(m_old - m_new) never sees (-inf) - (-inf).
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -532,7 +532,7 @@ def lacy_linear_cross_entropy(
              outside [0, V) and targets equal to call_id; see lacy_ce_reference.py).
     flags    (N,) uint8 (any integer dtype): bit 0 fact token, bit 1 judge label.
     call_id  id of <CALL>.
-    strategy none | loss | spacy | lacy | rho | judge | ignore (DESIGN.md, "The method").
+    strategy none | loss | spacy | lacy | rho | judge | ignore (docs/method.md).
     call_fraction  share of the candidates relabeled (lacy, loss, rho, ignore), floor'ed.
     ref_nll  (N,) reference-model nll, required by "rho".
     impl     "triton" (CUDA; CPU only under TRITON_INTERPRET=1), "chunked" (PyTorch, chunked

@@ -13,8 +13,9 @@ are on arguments (strategy, dtype, shapes), never on data.
 - ``finish_rows``: from the per-row statistics every fused path produces (``lse_nc``,
   ``z_call``, ``z_target``) to the loss, the stats and what the backward needs.
 
-Semantics (DESIGN.md, "The method"), decided details marked (*):
-- valid = target != ignore_index, and (*) 0 <= target < V and target != call_id. <CALL>
+Semantics (docs/method.md), decided details marked (*):
+- valid = target != ignore_index, and (*) 0 <= target < V and target != call_id
+  (``lacy_fast.method.valid_targets``, shared with the data loader's counts). <CALL>
   never occurs in text; as a target its renormalised nll is undefined (that distribution
   excludes <CALL>), so it cannot be ranked, and counting it as a CALL target would let
   the data bypass the selection budget the strategies are compared at. Out-of-range
@@ -34,11 +35,9 @@ import os
 
 import torch
 
-STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge", "ignore")
-# Strategies that relabel the top ``call_fraction`` of their candidates by a score.
-RANKED = ("lacy", "loss", "rho", "ignore")
-FACT_BIT = 1  # flags bit 0: the target is a fact token
-JUDGE_BIT = 2  # flags bit 1: an external judge says "call here"
+# The strategy names, the flag bits and the valid-target rule are defined once, in
+# lacy_fast.method; they are imported (and re-exported) here.
+from lacy_fast.method import FLAG_FACT, FLAG_JUDGE, RANK_FACTS, RANKED, STRATEGIES, valid_targets  # noqa: F401
 
 # Rows per chunk are chosen so one chunk of logits (rows x V) holds about as many elements
 # as the larger of hidden (N x D) and weight (V x D): the extra memory stays O(N*D + V*D)
@@ -66,11 +65,6 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------
 
 
-def valid_targets(targets: torch.Tensor, vocab: int, call_id: int, ignore_index: int) -> torch.Tensor:
-    """(N,) bool: positions that have a target (see the module docstring)."""
-    return (targets != ignore_index) & (targets >= 0) & (targets < vocab) & (targets != call_id)
-
-
 def select_calls(
     strategy: str,
     nll: torch.Tensor,  # (N,) float: current renormalised nll (0 where invalid)
@@ -87,12 +81,12 @@ def select_calls(
     nll = nll.detach()
     if strategy == "none":
         return torch.zeros_like(valid)
-    facts = valid & ((flags & FACT_BIT) != 0)
+    facts = valid & ((flags & FLAG_FACT) != 0)
     if strategy == "spacy":
         return facts
     if strategy == "judge":
-        return valid & ((flags & JUDGE_BIT) != 0)
-    candidates = facts if strategy in ("lacy", "ignore") else valid
+        return valid & ((flags & FLAG_JUDGE) != 0)
+    candidates = facts if strategy in RANK_FACTS else valid
     score = nll.double()
     if strategy == "rho":
         score = score - ref_nll.detach().double()

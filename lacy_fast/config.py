@@ -18,9 +18,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from lacy_fast.errors import ConfigError, UserError
+from lacy_fast.method import IMPLS, STRATEGIES  # noqa: F401  (STRATEGIES re-exported)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -199,20 +200,25 @@ class ModelConfig(Config):
             raise ConfigError("dropout", f"is {self.dropout}; it must lie in [0, 1)")
 
 
-STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge", "ignore")
-
-
 @dataclass
 class ObjectiveConfig(Config):
-    strategy: str = doc("lacy", "which targets become <CALL> (see DESIGN.md, 'The method')", choices=STRATEGIES)
-    call_fraction: float = doc(0.6, "share of candidate targets relabeled (lacy, loss, rho, ignore)")
-    impl: str = doc("auto", "loss implementation: triton on CUDA, chunked PyTorch elsewhere (auto)",
-                    choices=("auto", "triton", "torch", "chunked"))
+    strategy: str = doc("lacy", "which targets become <CALL> (docs/method.md, 'Strategies')", choices=STRATEGIES)
+    call_fraction: float = doc(0.6, "share of the fact targets relabeled by lacy and ignore (and the factor of "
+                               "call_rate=auto)")
+    call_rate: Literal["auto"] | float = doc(
+        "auto",
+        "share of all valid targets relabeled by loss and rho; auto: call_fraction x the fact fraction measured "
+        "by `prepare` (stats.json of data.path), so they relabel as many targets as lacy does; a number in [0, 1] "
+        "sets it (the resolved value is in OUT/config.json, 'resolved')",
+    )
+    impl: str = doc("auto", "loss implementation: triton on CUDA, chunked PyTorch elsewhere (auto)", choices=IMPLS)
     ref_checkpoint: str | None = doc(None, "reference model export for strategy=rho")
     ignore_index: int = doc(-100, "target value that marks a position without a target")
 
     def check(self) -> None:
         self._fraction("call_fraction")
+        if self.call_rate != "auto":
+            self._fraction("call_rate")
 
 
 @dataclass
@@ -412,7 +418,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        # Several types (`Literal["auto"] | float`): the first member, in order, that takes
+        # the value; put the narrow ones first (a str member takes any number).
+        for member in inner:
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expects {' or '.join(_type_name(m) for m in inner)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(key, f"expects one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(key, f"is a section; set its keys, e.g. {key}.<name>=...")
@@ -448,6 +468,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(key, f"expects a string, got {value!r}")
     return value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 # ----------------------------------------------------------------------------------------

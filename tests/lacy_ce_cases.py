@@ -1,6 +1,6 @@
 """Inputs and error yardsticks for the LaCy loss tests.
 
-Every case is computed three ways (STYLE.md, "Tests"): the ground truth (the reference in
+Every case is computed three ways: the ground truth (the reference in
 fp64 on the dtype-rounded inputs), the reference in the test dtype (its distance to the
 truth is what that dtype costs PyTorch), and the implementation under test, which must
 satisfy, per compared tensor,

@@ -49,6 +49,9 @@ def test_tuple_fields_accept_lists_and_comma_strings():
     ("train.seq_len=100000", "train.seq_len", "max_seq_len"),
     ("objective.strategy=rho", "objective.ref_checkpoint", "rho"),
     ("train=3", "train", "is a section"),
+    ("objective.call_rate=1.5", "objective.call_rate", "[0, 1]"),
+    ("objective.call_rate=often", "objective.call_rate", "expects 'auto' or a number, got 'often'"),
+    ("objective.call_rate=true", "objective.call_rate", "expects 'auto' or a number"),
 ])
 def test_bad_keys_and_values_name_the_full_key(override, key, words):
     with pytest.raises(ConfigError) as info:
@@ -89,3 +92,12 @@ def test_every_field_is_documented():
 def test_configs_are_plain_dataclasses():
     cfg = RunConfig()
     assert dataclasses.is_dataclass(cfg) and dataclasses.is_dataclass(cfg.train)
+
+
+def test_call_rate_is_auto_or_a_number():
+    """A union of a literal and a float: each value goes to the member that takes it."""
+    assert load_config(RunConfig, "tiny").objective.call_rate == "auto"
+    for text, value in (("0.15", 0.15), ("1", 1.0), ("0", 0.0), ("auto", "auto")):
+        cfg = load_config(RunConfig, "tiny", [f"objective.call_rate={text}"])
+        assert cfg.objective.call_rate == value and type(cfg.objective.call_rate) is type(value)
+        assert from_dict(RunConfig, to_dict(cfg)) == cfg

@@ -165,3 +165,38 @@ def test_a_dead_worker_stops_the_run_with_one_line(tmp_path, big, prepared):
             proc.kill()
     assert proc.returncode == 2
     assert err.count("\n") == 1 and "worker process died" in err and "rerun the same command" in err
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to find the worker")
+def test_workers_die_with_a_killed_prepare(tmp_path, big, prepared):
+    """kill -9 of `prepare` alone (not its process group): its workers must not keep writing
+    shards (and then hang on a pipe), so a rerun never races them."""
+    out = tmp_path / "orphan"
+    proc = subprocess.Popen(CLI + ["prepare", "--input", str(big), "--out", str(out), "--tokenizer",
+                                   str(prepared / "tokenizer.model"), "--workers", "2", "--quiet", "shard_docs=20"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        assert _wait_for(lambda: out.exists() and len(shard_paths(out)) >= 1 and len(_workers_of(proc.pid)) == 2)
+        workers = _workers_of(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _wait_for(lambda: not any(_alive(w) for w in workers), timeout=10), "a worker outlived prepare"
+        written = len(shard_paths(out))
+        time.sleep(1.0)
+        assert len(shard_paths(out)) == written  # nothing writes any more
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    resumed = prepare("--input", big, "--out", out, "--tokenizer", prepared / "tokenizer.model", "--workers", 2,
+                      "--quiet", "shard_docs=20")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "stats.json").read_text())["documents"] == 600

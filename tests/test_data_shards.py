@@ -114,3 +114,52 @@ def test_render_marks_fact_runs():
     flags = np.array([0, 0, 1, 1, 0, 1, 1, 0], dtype=np.uint8)
     text = S.render(_Pieces(), np.arange(8), flags)
     assert text == "Born in [[Warsaw]] on [[3 May]]."
+
+
+def _corrupt(path, offset, value, dtype):
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + np.dtype(dtype).itemsize] = np.array([value], dtype=dtype).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_a_token_id_past_the_vocabulary_is_one_sentence_naming_the_file(tmp_path):
+    """Checked lazily, block by block, the first time a read touches the token."""
+    path = tmp_path / S.shard_name(0)
+    docs = _docs(np.random.default_rng(3), 6, 100)
+    S.write_shard(path, docs, SHA, 100)
+    bad = len(docs[0][0]) + 1  # a token of document 1
+    _corrupt(path, S.HEADER.size + 2 * bad, 40000, np.uint16)
+    shard = S.Shard(path)  # opening stays cheap: no full scan
+    with pytest.raises(UserError) as info:
+        shard.document(1)
+    message = str(info.value)
+    assert str(path) in message and f"token {bad} has id 40000, past its vocabulary of 100" in message
+    assert "\n" not in message
+    # One block covers this whole shard: any document's read finds it.
+    with pytest.raises(UserError, match="past its vocabulary"):
+        S.Shard(path).document(0)
+
+
+def test_a_negative_document_length_is_one_sentence_at_open(tmp_path):
+    path = tmp_path / S.shard_name(0)
+    docs = _docs(np.random.default_rng(4), 5, 100)
+    header = S.write_shard(path, docs, SHA, 100)
+    offsets = np.cumsum([0] + [len(d[0]) for d in docs])
+    # Document 2 ends before it starts.
+    _corrupt(path, header.offsets_offset + 8 * 3, int(offsets[2]) - 1, np.int64)
+    with pytest.raises(UserError) as info:
+        S.Shard(path)
+    assert str(path) in str(info.value) and "document 2 has a negative length" in str(info.value)
+    # Offsets that do not end at the token count.
+    S.write_shard(path, docs, SHA, 100)
+    _corrupt(path, header.offsets_offset + 8 * 5, int(offsets[5]) + 7, np.int64)
+    with pytest.raises(UserError, match=f"offsets run from 0 to {int(offsets[5]) + 7}, not 0 to {int(offsets[5])}"):
+        S.Shard(path)
+
+
+def test_a_token_width_that_does_not_fit_the_vocabulary_is_refused(tmp_path):
+    path = tmp_path / S.shard_name(0)
+    S.write_shard(path, _docs(np.random.default_rng(5), 3, 100), SHA, 100)
+    _corrupt(path, 32, 70000, np.uint32)  # vocab_size: uint16 ids cannot hold it
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        S.Shard(path)

@@ -136,6 +136,23 @@ def test_damaged_or_foreign_exports_are_refused(tmp_path):
         load_export(out)
 
 
+def test_a_file_or_a_run_without_export_is_named_for_what_it_is(tmp_path):
+    out = save_export(tmp_path / "export", tiny())
+    with pytest.raises(UserError, match=f"{out / 'model.safetensors'} is a file, not a model export; pass the "
+                                        f"export directory {out}$"):
+        load_export(out / "model.safetensors")
+    loose = tmp_path / "weights.bin"
+    loose.write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file, not a model export"):
+        load_export(loose)
+    run = tmp_path / "run"  # a training run that has not saved yet: its own config.json, no export
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"out_dir": str(run), "train": {}}))
+    with pytest.raises(UserError) as info:
+        load_export(run)
+    assert "is a training run that has no export yet" in str(info.value) and "None" not in str(info.value)
+
+
 def test_flash_backend_without_flash_attn_is_a_user_error():
     from lacy_fast.model import attention
     if attention.flash_available():

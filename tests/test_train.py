@@ -160,7 +160,7 @@ def test_checkpoint_of_another_model_is_refused(data, tmp_path):
     train(out, data, "train.max_steps=2")
     proc = train(out, data, "train.max_steps=4", "model.d_model=32", check=False)
     assert proc.returncode == 2
-    assert "checkpoint with another model shape" in proc.stderr and "d_model" in proc.stderr
+    assert "checkpoint trained with model.d_model=64, but this run has model.d_model=32" in proc.stderr
     assert proc.stderr.count("\n") == 1
 
 
@@ -178,15 +178,21 @@ def test_bad_config_is_one_sentence(data, tmp_path, args, words):
     assert words in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
-def test_explain_lists_the_contract_keys(capsys):
+def test_explain_lists_the_contract_keys(capsys, data):
     from lacy_fast import cli
 
     assert cli.main(["train", "--explain"]) == 0
     out = capsys.readouterr().out
     for key in ("data.path", "out_dir", "train.max_steps", "train.seq_len", "train.micro_batch_size",
-                "train.grad_accum", "train.lr", "objective.strategy", "objective.call_fraction", "model.preset",
-                "zero_stage"):
+                "train.grad_accum", "train.lr", "objective.strategy", "objective.call_fraction",
+                "objective.call_rate", "model.preset", "zero_stage"):
         assert key in out
+    assert "docs/method.md" in out and "DESIGN.md" not in out
+    may_change = out.split("which may change:")[1]
+    assert "train.max_steps" in may_change and "objective.strategy" not in may_change
+    assert cli.main(["train", "--explain", f"data.path={data}", "objective.strategy=loss"]) == 0
+    fact_fraction = json.loads((data / "stats.json").read_text())["fact_fraction"]
+    assert f"objective.call_rate for this config: {0.6 * fact_fraction:.4f}" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,10 +296,10 @@ def test_a_run_out_dir_loads_as_its_export(data, tmp_path):
 def test_rho_trains_against_a_reference_model(data, tmp_path):
     """Rho-1's excess loss: the reference export runs forward without gradients in the loop."""
     train(tmp_path / "ref", data, "train.max_steps=3", "objective.strategy=none")
-    train(tmp_path / "rho", data, "train.max_steps=3", "objective.strategy=rho",
+    train(tmp_path / "rho", data, "train.max_steps=3", "objective.strategy=rho", "objective.call_rate=0.6",
           f"objective.ref_checkpoint={tmp_path / 'ref' / 'export'}")
     rows = metrics(tmp_path / "rho")
-    # rho relabels floor(0.6 * valid targets) of each micro-batch by excess loss.
+    # rho relabels floor(call_rate * valid targets) of each micro-batch by excess loss.
     assert all(abs(r["call_rate"] - 0.6) < 0.01 for r in rows)
     other = tmp_path / "other-tok"  # a reference on another tokenizer is refused
     import shutil
@@ -333,20 +339,226 @@ def test_in_process_training_leaves_no_distributed_state(data, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("strategy", ["none", "loss", "spacy", "lacy", "rho", "judge", "ignore"])
-def test_host_selection_count_matches_the_op(strategy):
-    """The loop counts ground-truth tokens on the host (selected_count) without asking the
-    device; it must agree with the op's own selection for every strategy."""
+def test_host_counts_match_the_op(strategy):
+    """One rule for a valid target: the loader's counts (make_batch, on numpy), the loop's
+    ground-truth budget (ground_truth_count) and the training metrics (_micro_sums, on the
+    tensors) agree with the op's own selection for every strategy, on targets that include
+    every kind of invalid one (ignore_index, <CALL>, past the vocabulary, negative)."""
+    import numpy as np
     import torch
 
+    from lacy_fast.data.loader import make_batch
     from lacy_fast.kernels import lacy_linear_cross_entropy
-    from lacy_fast.train.loop import selected_count
+    from lacy_fast.method import Targets, ground_truth_count, selected_count
+    from lacy_fast.train.loop import _micro_sums
+
+    rng = np.random.default_rng(1)
+    b, t, d, v, call_id = 4, 25, 16, 53, 2
+    tokens = rng.integers(3, v, (b, t + 1))
+    for value in (-100, call_id, v, v + 7, -3):  # invalid targets, a few of each
+        tokens[rng.integers(0, b, 3), rng.integers(1, t + 1, 3)] = value
+    flags = rng.integers(0, 4, (b, t + 1)).astype(np.uint8)  # fact and judge bits
+    rule = Targets(v, call_id, -100)
+    batch = make_batch(tokens, flags, pin=False, targets=rule)
+    assert batch.n_valid < b * t  # the invalid ones are not counted
 
     gen = torch.Generator().manual_seed(1)
-    n, d, v = 97, 16, 53
+    n = b * t
     hidden, weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen)
-    targets = torch.randint(3, v, (n,), generator=gen)
-    flags = torch.randint(0, 4, (n,), generator=gen).to(torch.uint8)  # fact and judge bits
-    _, stats = lacy_linear_cross_entropy(hidden, weight, targets, flags, 2, strategy=strategy, call_fraction=0.37,
-                                         ref_nll=torch.rand(n, generator=gen), impl="chunked")
-    n_facts, n_judge = int((flags & 1).sum()), int((flags & 2).bool().sum())
-    assert selected_count(strategy, 0.37, n, n_facts, n_judge) == int(stats["is_call"].sum())
+    targets, f = batch.targets.flatten(), batch.flags.flatten()
+    loss, stats = lacy_linear_cross_entropy(hidden, weight, targets, f, call_id, strategy=strategy,
+                                            call_fraction=0.37, ref_nll=torch.rand(n, generator=gen),
+                                            impl="chunked")
+    valid = rule.valid(targets)
+    assert batch.n_valid == int(valid.sum())
+    assert batch.n_facts == int((valid & ((f & 1) != 0)).sum()) and batch.n_judge == int((valid & ((f & 2) != 0)).sum())
+    selected = int(stats["is_call"].sum())
+    assert selected_count(strategy, 0.37, batch.n_valid, batch.n_facts, batch.n_judge) == selected
+    gt = ground_truth_count(strategy, 0.37, batch.n_valid, batch.n_facts, batch.n_judge)
+    sums = _micro_sums(loss, stats, batch.targets, strategy, rule)
+    assert gt == int(sums[2]) == int((valid & ~stats["is_call"]).sum())  # n_gt of the metrics
+    assert int(sums[5]) == batch.n_valid
+
+
+# ----------------------------------------------------------------------------------------
+# Guards: divergence, resume identity, the out_dir lock, rows before checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+def _finite_state(path: Path) -> bool:
+    import torch
+
+    state = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_finite_model(data, tmp_path):
+    """lr=3 diverges within a few steps: the run stops with one sentence naming the step and
+    exit code 2; the checkpoints it kept (pruning included) and the export are finite; a
+    rerun with a lower lr resumes from the last finite checkpoint under the new lr."""
+    import re
+
+    from lacy_fast.errors import UserError
+
+    out = tmp_path / "run"
+    args = ["train.ckpt_every=2", "train.keep_last=2", "train.log_every=5"]
+    proc = train(out, data, "train.max_steps=30", "train.lr=3", *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "training diverged" in proc.stderr
+    bad = int(re.search(r"not finite at step (\d+)", proc.stderr).group(1))
+    saved = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert bad - 2 <= saved < bad and f"hold the last finite state (step {saved})" in proc.stderr
+    kept = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert len(kept) == 2 and all(int(p.name.split("_")[1]) < bad and _finite_state(p) for p in kept)
+    model, meta = load_export(out / "export")  # load_export refuses non-finite weights
+    assert meta["step"] == saved
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, bad + 1))
+    assert rows[-1]["loss"] is None or rows[-1]["grad_norm"] is None  # null: not finite
+
+    proc = train(out, data, f"train.max_steps={saved + 3}", "train.lr=3e-3", *args)
+    assert f"resuming {out} from step {saved}" in proc.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, saved + 4))
+    assert all(r["lr"] <= 3e-3 and r["loss"] is not None and r["grad_norm"] is not None for r in rows[saved:])
+
+    # A NaN export is refused when loaded (generate / eval would print <unk>s).
+    from lacy_fast.model.io import save_export
+
+    model.head_weight.data[0, 0] = float("nan")
+    save_export(tmp_path / "nan-export", model)
+    with pytest.raises(UserError, match=r"NaN or infinite weights \(wte.weight\)"):
+        load_export(tmp_path / "nan-export")
+
+
+def test_resuming_under_other_settings_is_refused_with_the_key(data, tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=2")
+    proc = train(out, data, "train.max_steps=4", "objective.strategy=none", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "trained with objective.strategy='lacy', but this run has objective.strategy='none'" in proc.stderr
+    assert json.loads((out / "config.json").read_text())["objective"]["strategy"] == "lacy"  # not overwritten
+
+    from lacy_fast.config import RunConfig, load_config
+    from lacy_fast.errors import UserError
+    from lacy_fast.train.loop import train as train_in_process
+
+    def again(*overrides):
+        cfg = load_config(RunConfig, "tiny", [f"data.path={data}", f"out_dir={out}", *SMALL[:-1],
+                                              "train.max_steps=4", *overrides])
+        return train_in_process(cfg, progress=False)
+
+    for override, key in [("objective.call_fraction=0.5", "objective.call_fraction"),
+                          ("train.micro_batch_size=2", "train.micro_batch_size"),
+                          ("data.seed=7", "data.seed"), ("objective.ignore_index=-1", "objective.ignore_index")]:
+        with pytest.raises(UserError, match=f"trained with {key}="):
+            again(override)
+    # What may change does: the run's length, logging, checkpoint cadence, the learning rate.
+    assert again("train.log_every=1", "train.keep_last=3", "train.lr=1e-3")["step"] == 4
+
+
+def test_second_run_is_refused_and_a_killed_run_loses_no_rows(data, tmp_path):
+    """A run holds its out_dir: a second one is refused in one sentence. Killed with -9 (its
+    lock dies with it), the run's rows are on disk up to its last checkpoint even though
+    log_every was never reached, and a rerun resumes."""
+    out = tmp_path / "run"
+    cmd = CLI + ["train", "--config", "tiny", f"data.path={data}", f"out_dir={out}", *SMALL, "train.max_steps=100000",
+                 "train.log_every=1000", "train.ckpt_every=2"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoints" / "latest").exists():
+            assert time.time() < deadline and first.poll() is None, first.stderr.read() if first.poll() else "timeout"
+            time.sleep(0.2)
+        second = train(out, data, "train.max_steps=4", check=False)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert f"{out} is in use by another training run (held by pid {first.pid}" in second.stderr
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    steps = [r["step"] for r in metrics(out)]
+    assert steps[:step] == list(range(1, step + 1)), (step, steps)
+    proc = train(out, data, f"train.max_steps={step + 2}")
+    assert f"resuming {out} from step {step}" in proc.stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))
+
+
+def test_loss_and_lacy_train_at_the_same_call_rate(data, tmp_path, monkeypatch):
+    """objective.call_rate=auto: loss relabels call_fraction x the data's fact fraction of
+    all targets, so its realised CALL rate matches lacy's (which relabels call_fraction of
+    each micro-batch's facts) up to the floor per micro-batch and the batches' fact share."""
+    from lacy_fast.config import RunConfig, load_config
+    from lacy_fast.train.loop import train as train_in_process
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    rows = {}
+    for strategy in ("loss", "lacy"):
+        cfg = load_config(RunConfig, "tiny", [f"data.path={data}", f"out_dir={tmp_path / strategy}", *SMALL[:-1],
+                                              "train.max_steps=8", f"objective.strategy={strategy}"])
+        train_in_process(cfg, progress=False)
+        rows[strategy] = metrics(tmp_path / strategy)
+    fact_fraction = json.loads((data / "stats.json").read_text())["fact_fraction"]
+    rate = json.loads((tmp_path / "loss" / "config.json").read_text())["resolved"]["call_rate"]
+    assert rate == pytest.approx(0.6 * fact_fraction)
+    assert json.loads((tmp_path / "lacy" / "config.json").read_text())["resolved"]["call_rate"] is None
+    n = 4 * 64  # targets per micro-batch: floor() loses less than one of them
+    for row in rows["loss"]:
+        assert rate - 1 / n < row["call_rate"] <= rate
+    for row in rows["lacy"]:
+        assert 0.6 * row["fact_fraction"] - 1 / n < row["call_rate"] <= 0.6 * row["fact_fraction"]
+    loss_mean = sum(r["call_rate"] for r in rows["loss"]) / len(rows["loss"])
+    lacy_mean = sum(r["call_rate"] for r in rows["lacy"]) / len(rows["lacy"])
+    seen = sum(r["fact_fraction"] for r in rows["lacy"]) / len(rows["lacy"])  # the batches' own fact share
+    assert abs(loss_mean - lacy_mean) <= 0.6 * abs(fact_fraction - seen) + 1 / n
+    assert abs(loss_mean - lacy_mean) < 0.03  # and before, loss relabeled 60% of all targets
+
+
+def test_corrupt_shard_payloads_are_one_sentence_naming_the_file(data, tmp_path):
+    """A token id past the vocabulary (found when a batch reads it) and a negative document
+    length (found when the shards open) in a prepared directory."""
+    import shutil
+
+    import numpy as np
+
+    from lacy_fast.data import shards as S
+    from lacy_fast.data.loader import ShardBatches
+    from lacy_fast.errors import UserError
+
+    bad = tmp_path / "bad-ids"
+    shutil.copytree(data, bad)
+    shard = bad / S.shard_name(0)
+    raw = bytearray(shard.read_bytes())
+    n_tokens = S.read_header(shard).n_tokens
+    ids = np.frombuffer(raw, dtype=np.uint16, count=n_tokens, offset=S.HEADER.size).copy()
+    ids[:] = 60000  # every token: whichever sample comes first reads one
+    raw[S.HEADER.size:S.HEADER.size + 2 * n_tokens] = ids.tobytes()
+    shard.write_bytes(bytes(raw))
+    proc = train(tmp_path / "run", bad, "train.max_steps=2", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert f"shard {shard} is corrupt (token" in proc.stderr and "past its vocabulary of 512" in proc.stderr
+
+    negative = tmp_path / "negative"
+    shutil.copytree(data, negative)
+    shard = negative / S.shard_name(0)
+    header = S.read_header(shard)
+    raw = bytearray(shard.read_bytes())
+    offsets = np.frombuffer(raw, dtype=np.int64, count=header.n_docs + 1, offset=header.offsets_offset).copy()
+    offsets[2] = offsets[1] - 5
+    raw[header.offsets_offset:] = offsets.tobytes()
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"shard {shard} is corrupt \\(document 1 has a negative length\\)"):
+        ShardBatches(str(negative), seq_len=64, micro_batch=4, grad_accum=1, world=1, rank=0, seed=0)
+
+
+def test_importing_the_loop_changes_no_environment():
+    code = ("import os; before = dict(os.environ); import lacy_fast.train.loop; "
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -10,7 +10,9 @@ sample shuffles). So ranks never share a sample, and a run resumed at step ``s``
 exactly what an uninterrupted run would have read: nothing is replayed or skipped.
 
 A batch holds inputs ``idx = tokens[:, :-1]``, targets ``tokens[:, 1:]`` and the flags of
-the targets (bit 0: the target is a fact token).
+the targets (bit 0: the target is a fact token), and counts of its valid, fact and judge
+targets by the rule the op applies (``lacy_fast.method.Targets``), made here, off the
+training thread.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lacy_fast.data.labeling import FLAG_FACT, FLAG_JUDGE
 from lacy_fast.data.packing import PackedSamples
 from lacy_fast.data.shards import ShardSet
 from lacy_fast.errors import UserError
+from lacy_fast.method import Targets
 
 
 @dataclass
@@ -35,9 +37,9 @@ class Batch:
     idx: torch.Tensor  # (B, T) int64 inputs
     targets: torch.Tensor  # (B, T) int64
     flags: torch.Tensor  # (B, T) uint8, flags of the targets
-    n_valid: int  # targets with a loss (all of them: packed samples have no padding)
-    n_facts: int  # targets with FLAG_FACT
-    n_judge: int  # targets with FLAG_JUDGE
+    n_valid: int  # valid targets (lacy_fast.method.valid_targets; packed samples have no padding)
+    n_facts: int  # valid targets with FLAG_FACT
+    n_judge: int  # valid targets with FLAG_JUDGE
     # Stream position after this batch, for sources whose position is not a function of
     # the step (the online prefetcher); the loop checkpoints it per rank.
     position: dict | None = None
@@ -48,27 +50,35 @@ class Batch:
                                    flags=self.flags.to(**move))
 
 
-def make_batch(tokens: np.ndarray, flags: np.ndarray, pin: bool) -> Batch:
-    """tokens, flags: (B, T + 1) -> a Batch of T positions per row."""
+def make_batch(tokens: np.ndarray, flags: np.ndarray, pin: bool, targets: Targets) -> Batch:
+    """tokens, flags: (B, T + 1) -> a Batch of T positions per row, its targets counted by ``targets``."""
+    n_valid, n_facts, n_judge = targets.counts(tokens[:, 1:], flags[:, 1:])
     t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))  # (B, T + 1)
     f = torch.from_numpy(np.ascontiguousarray(flags[:, 1:], dtype=np.uint8))  # (B, T)
-    idx, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    idx, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
     if pin:
-        idx, targets, f = idx.pin_memory(), targets.pin_memory(), f.pin_memory()
-    fact = (flags[:, 1:] & FLAG_FACT) != 0
-    judge = (flags[:, 1:] & FLAG_JUDGE) != 0
-    return Batch(idx, targets, f, targets.numel(), int(fact.sum()), int(judge.sum()))
+        idx, y, f = idx.pin_memory(), y.pin_memory(), f.pin_memory()
+    return Batch(idx, y, f, n_valid, n_facts, n_judge)
 
 
 class ShardBatches:
     """Micro-batches of one rank from a ``lacy-fast prepare`` directory (see the module doc)."""
 
     def __init__(self, path: str, seq_len: int, micro_batch: int, grad_accum: int, world: int, rank: int,
-                 seed: int, pin: bool = False):
+                 seed: int, pin: bool = False, ignore_index: int = -100):
+        from lacy_fast.data.tokenizer import Tokenizer
+
         self.shards = ShardSet(path)
         if not self.shards.complete:
             raise UserError(f"{path} is still being prepared (no stats.json yet); let `lacy-fast prepare` finish "
                             "or rerun it to resume")
+        self.tokenizer = Tokenizer.load(self.shards.tokenizer_path)
+        for shard in self.shards.shards:
+            if shard.header.vocab_size != self.tokenizer.vocab_size:
+                raise UserError(f"shard {shard.path} says its vocabulary has {shard.header.vocab_size} tokens but "
+                                f"{self.shards.tokenizer_path} has {self.tokenizer.vocab_size}; the shard is corrupt, "
+                                "delete it and rerun `lacy-fast prepare` to rewrite it")
+        self.targets = Targets(self.tokenizer.vocab_size, self.tokenizer.call_id, ignore_index)
         self.seq_len, self.micro_batch, self.grad_accum = seq_len, micro_batch, grad_accum
         self.world, self.rank, self.seed, self.pin = world, rank, seed, pin
         self._epoch: int | None = None
@@ -105,7 +115,7 @@ class ShardBatches:
     def batch(self, step: int, micro: int) -> Batch:
         first = ((step * self.grad_accum + micro) * self.world + self.rank) * self.micro_batch
         rows = [self.sample(first + j) for j in range(self.micro_batch)]
-        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), self.pin)
+        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), self.pin, self.targets)
 
     def batches(self, start_step: int, state: dict | None = None) -> Iterator[Batch]:
         """Micro-batches from ``start_step`` on (``state`` is unused: the step is the position)."""

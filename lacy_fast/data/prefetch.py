@@ -44,6 +44,7 @@ from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json
+from lacy_fast.method import Targets
 
 CACHE_SHARD_DOCS = 20_000  # documents per cache shard
 _WHERE = 512  # bytes of the shared "where is this worker" string
@@ -146,7 +147,7 @@ class OnlineBatches:
     """Micro-batches of one rank, labeled online (see the module doc)."""
 
     def __init__(self, data: DataConfig, *, seq_len: int, micro_batch: int, grad_accum: int, world: int, rank: int,
-                 seed: int, pin: bool = False):
+                 seed: int, pin: bool = False, ignore_index: int = -100):
         if not data.inputs:
             raise UserError("data.source=online needs raw text: set data.inputs=[FILE, ...]")
         if not data.tokenizer:
@@ -157,6 +158,7 @@ class OnlineBatches:
         if not self.tokenizer_path.is_file():
             raise UserError(f"data.tokenizer {data.tokenizer} does not exist; pass a SentencePiece .model file")
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        self.targets = Targets(self.tokenizer.vocab_size, self.tokenizer.call_id, ignore_index)
         self.data, self.seq_len, self.micro_batch = data, seq_len, micro_batch
         self.world, self.rank, self.pin = world, rank, pin
         self.cache_dir = Path(data.path) / f"rank{rank:03d}-of-{world:03d}" if data.path else None
@@ -238,7 +240,7 @@ class OnlineBatches:
             while n_samples - done >= self.micro_batch:
                 rows = range(done * L, (done + self.micro_batch) * L, L)
                 batch = make_batch(np.stack([tokens[r:r + L + 1] for r in rows]),
-                                   np.stack([flags[r:r + L + 1] for r in rows]), self.pin)
+                                   np.stack([flags[r:r + L + 1] for r in rows]), self.pin, self.targets)
                 done += self.micro_batch
                 rest = slice(done * L, None)
                 batch.position = {"epoch": epoch, "chunk": chunk + 1, "carry_tokens": tokens[rest].tolist(),

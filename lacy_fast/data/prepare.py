@@ -17,7 +17,12 @@ is refused, because mixing them in one directory would mix two datasets. ``worke
 ``label.batch_size`` may change between runs: they change speed, not content.
 
 A worker that dies (killed, out of memory) stops the run with one sentence instead of a
-hang (``concurrent.futures`` notices the dead process); finished shards are kept.
+hang (``concurrent.futures`` notices the dead process); finished shards are kept. Workers
+never outlive the run either: on Linux the kernel kills a worker when its parent dies
+(``PR_SET_PDEATHSIG``, set as the worker starts), and every worker checks that its parent
+still lives before it writes a shard (the portable half, and the cover for a parent that
+died before the worker set the signal). So after a kill -9 of ``prepare`` nothing keeps
+writing into the directory, and a rerun never races a leftover.
 """
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import queue
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -142,7 +149,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked spaCy or thread state
     events = ctx.Queue()
     pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
-                                  initargs=(cfg.label, str(tok_path), events))
+                                  initargs=(cfg.label, str(tok_path), events, os.getpid()))
     pending: dict[cf.Future, int] = {}
     try:
         for index, texts in _chunks(read_documents(cfg.inputs, cfg.reader, skips), cfg.shard_docs):
@@ -322,10 +329,35 @@ def _remove_stale(out: Path, n_shards: int) -> None:
 
 _labeler = None
 _events = None
+_parent: int | None = None  # pid of the `prepare` process that started this worker
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(label_cfg, tokenizer_path: str, events: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies (Linux), then make sure it
+    has not died already (between this process's start and the prctl call)."""
+    global _parent
+    _parent = parent
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the parent check below still runs
+            pass
+    _exit_if_orphaned()
+
+
+def _exit_if_orphaned() -> None:
+    if _parent is not None and os.getppid() != _parent:
+        os._exit(1)  # the run is gone: write nothing more
+
+
+def _init_worker(label_cfg, tokenizer_path: str, events: Any, parent: int) -> None:
     global _labeler, _events
+    _die_with_parent(parent)
     from lacy_fast.data.labeling import single_threaded
 
     single_threaded()  # before spaCy brings in numpy's thread pools
@@ -344,11 +376,13 @@ def _label_shard(index: int, texts: list[str], out: str, sha256: str, vocab_size
     docs = []
     step = _labeler.cfg.batch_size
     for lo in range(0, len(texts), step):
+        _exit_if_orphaned()
         before = stats.tokens
         docs += _labeler.label_batch(texts[lo:lo + step], stats)
         _events.put((min(step, len(texts) - lo), stats.tokens - before))
     path = Path(out) / shard_io.shard_name(index)
     result = stats.to_dict()
+    _exit_if_orphaned()
     # Stats first, shard last: the shard's existence is what marks it done.
     write_json(path.with_suffix(".stats.json"), result)
     shard_io.write_shard(path, docs, sha256, vocab_size)

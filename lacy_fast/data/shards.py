@@ -26,6 +26,16 @@ Every document ends with the tokenizer's EOS (flag 0), so packing samples is rea
 concatenated stream. A shard written by another tokenizer or format version is refused with
 a sentence saying which and what to do.
 
+Corruption is one sentence naming the file, never a traceback. Checked when a shard is
+opened, all cheap: the header (magic, version, a token width that matches the vocabulary,
+the file size it implies) and the document offsets (from 0 to ``n_tokens``, never
+decreasing; O(documents), and read at open anyway to build the sample index). Token ids
+(< vocab_size) are checked lazily, vectorised, one block of ``CHECK_BLOCK`` tokens the
+first time a read touches it: a full scan at open would read every token of the dataset on
+every start of every rank (2 GB per billion tokens), while the lazy check costs one pass
+over what a run reads anyway, and never the same block twice. A checksum would catch more
+(flipped flag bits) but needs a format change and the same full read to verify.
+
 A ``prepare`` output directory holds ``tokenizer.model``, ``prepare.json`` (the settings
 that determine the shards; a rerun with other settings is refused), ``shard_NNNNN.bin``
 with ``shard_NNNNN.stats.json`` (its label counts), ``stats.json`` (written last, when
@@ -57,6 +67,7 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQQII32s56x")
 assert HEADER.size == 128
 SHARD_RE = re.compile(r"^shard_(\d{5,})\.bin$")
+CHECK_BLOCK = 1 << 20  # tokens per lazily range-checked block
 
 
 def shard_name(index: int) -> str:
@@ -130,7 +141,8 @@ def read_header(path: str | os.PathLike) -> Header:
         raise UserError(f"shard {path} has format version {version} but this lacy-fast reads version {VERSION}; "
                         "re-run `lacy-fast prepare` with this version into a new directory")
     header = Header(version, itemsize, n_tokens, n_docs, vocab_size, sha.hex())
-    if itemsize not in (2, 4) or path.stat().st_size != header.file_size:
+    if (itemsize not in (2, 4) or vocab_size < 1 or itemsize != token_dtype(vocab_size).itemsize
+            or path.stat().st_size != header.file_size):
         raise UserError(f"shard {path} is truncated or corrupt ({path.stat().st_size} bytes, header says "
                         f"{header.file_size}); delete it and rerun `lacy-fast prepare` to rewrite it")
     return header
@@ -152,6 +164,14 @@ class Shard:
         self.tokens = self._map(dtype, HEADER.size, h.n_tokens)
         self.flags = self._map(np.dtype(np.uint8), h.flags_offset, h.n_tokens)
         self.doc_offsets = self._map(np.dtype(np.int64), h.offsets_offset, h.n_docs + 1)
+        offsets = np.asarray(self.doc_offsets)  # (D + 1,)
+        negative = np.flatnonzero(np.diff(offsets) < 0)
+        if offsets[0] != 0 or offsets[-1] != h.n_tokens or len(negative):
+            where = (f"document {int(negative[0])} has a negative length" if len(negative) else
+                     f"its document offsets run from {int(offsets[0])} to {int(offsets[-1])}, not 0 to {h.n_tokens}")
+            raise UserError(f"shard {self.path} is corrupt ({where}); delete it and rerun `lacy-fast prepare` to "
+                            "rewrite it")
+        self._checked = np.zeros(-(-h.n_tokens // CHECK_BLOCK), dtype=bool)  # blocks of tokens range-checked
 
     def _map(self, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
         if count == 0:
@@ -172,7 +192,23 @@ class Shard:
 
     def document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = int(self.doc_offsets[d]), int(self.doc_offsets[d + 1])
+        if hi > lo:
+            self.check_tokens(lo, hi)
         return self.tokens[lo:hi], self.flags[lo:hi]
+
+    def check_tokens(self, lo: int, hi: int) -> None:
+        """Range-check the token ids of the blocks that [lo, hi) touches, once per block."""
+        for block in range(lo // CHECK_BLOCK, (hi - 1) // CHECK_BLOCK + 1):
+            if self._checked[block]:
+                continue
+            start = block * CHECK_BLOCK
+            ids = self.tokens[start:start + CHECK_BLOCK]
+            if int(ids.max()) >= self.header.vocab_size:
+                at = start + int(np.argmax(ids >= self.header.vocab_size))
+                raise UserError(f"shard {self.path} is corrupt (token {at} has id {int(self.tokens[at])}, past its "
+                                f"vocabulary of {self.header.vocab_size}); delete it and rerun `lacy-fast prepare` "
+                                "to rewrite it")
+            self._checked[block] = True
 
     def sidecar_path(self, name: str) -> Path:
         return self.path.with_name(f"{self.path.stem}.{name}.npy")

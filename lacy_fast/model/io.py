@@ -69,6 +69,10 @@ def save_export(
 def read_export_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     config = path / "config.json"
+    if path.is_file():
+        inside = (path.parent / "config.json").is_file() and path.parent != path
+        raise UserError(f"{path} is a file, not a model export; pass the export directory"
+                        + (f" {path.parent}" if inside else " written by `lacy-fast train` (OUT/export)"))
     if not path.is_dir():
         raise UserError(f"model export {path} does not exist; pass a directory written by `lacy-fast train` (OUT/export)")
     if not config.is_file():
@@ -77,6 +81,9 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config} is not valid JSON ({err.msg}); the export is damaged, export it again")
+    if meta.get("format") != FORMAT and "format" not in meta and ("out_dir" in meta or (path / "checkpoints").is_dir()):
+        raise UserError(f"{path} is a training run that has no export yet (OUT/export is written with each "
+                        "checkpoint); let it train until it saves one, or pass another run")
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a lacy-fast model export (format {meta.get('format')!r}); pass OUT/export of a run")
     if meta.get("version") != VERSION:
@@ -104,6 +111,18 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
     if bad or set(state) - set(expected):
         raise UserError(f"{path}/model.safetensors does not match its config.json (first mismatch: "
                         f"{(bad or sorted(set(state) - set(expected)))[0]}); the export is damaged")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise UserError(f"{path}/model.safetensors holds NaN or infinite weights ({bad}): the run that wrote it "
+                        "diverged; use an export written before that, or retrain from a finite checkpoint")
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), meta
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding a NaN or an inf, else None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None

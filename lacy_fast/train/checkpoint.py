@@ -6,8 +6,8 @@ Layout under ``OUT/checkpoints``::
                             shards per rank) plus, ours:
         rank{r}.pt          each rank's RNG states (torch, CUDA, numpy, python) and data
                             position (for sources whose position is not the step)
-        lacy.json           step, token counts, data state, and the model / tokenizer
-                            identity checked on resume
+        lacy.json           step, token counts, and the run identity checked on
+                            resume (identity.py)
     latest                  the tag of the newest complete checkpoint
 
 Atomicity: every rank writes into the tag directory, then all ranks meet at a barrier, and
@@ -70,18 +70,9 @@ class Checkpointer:
                             f"delete {pointer} to start over or restore the checkpoint directory")
         return tag
 
-    def identity(self, tag: str) -> dict[str, Any]:
+    def meta(self, tag: str) -> dict[str, Any]:
+        """The lacy.json of checkpoint ``tag``: step, token count, run identity."""
         return json.loads((self.dir / tag / "lacy.json").read_text())
-
-    def check_compatible(self, tag: str, identity: dict[str, Any], out_dir: Path) -> None:
-        """Refuse to resume a checkpoint of another model shape or tokenizer."""
-        saved = self.identity(tag)
-        for key in ("model", "tokenizer_sha256", "call_id", "strategy"):
-            if saved.get(key) != identity.get(key):
-                what = {"model": "model shape", "tokenizer_sha256": "tokenizer", "call_id": "<CALL> id",
-                        "strategy": "objective.strategy"}[key]
-                raise UserError(f"{out_dir} holds a checkpoint with another {what} ({_diff(saved.get(key), identity.get(key))}); "
-                                "use a new out_dir, or the settings it was trained with")
 
     def save(self, engine, step: int, state: dict[str, Any], rank_state: Any = None) -> str:
         """Collective: every rank calls it at the same step. ``state`` (rank 0's) goes to
@@ -109,13 +100,13 @@ class Checkpointer:
             raise UserError(f"DeepSpeed could not load checkpoint {self.dir / tag}; it is damaged, "
                             f"point {self.dir / 'latest'} at an older step or start a new out_dir")
         rank_file = self.dir / tag / f"rank{self.rank}.pt"
-        identity = self.identity(tag)
+        meta = self.meta(tag)
         if not rank_file.is_file():
-            raise UserError(f"{self.dir / tag} was written by {identity.get('world_size', '?')} rank(s), which this "
+            raise UserError(f"{self.dir / tag} was written by {meta.get('world_size', '?')} rank(s), which this "
                             "run does not match; resume with the same number of ranks")
         saved = torch.load(rank_file, weights_only=False)
         set_rng_state(saved["rng"])
-        return identity, saved["data"]
+        return meta, saved["data"]
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and TAG.match(p.name))
@@ -126,10 +117,3 @@ class Checkpointer:
         for tag in tags:  # incomplete leftovers of killed saves
             if not (self.dir / tag / "lacy.json").is_file():
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
-
-
-def _diff(saved: Any, now: Any) -> str:
-    if isinstance(saved, dict) and isinstance(now, dict):
-        keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys[:3])
-    return f"checkpoint {saved!r} vs now {now!r}"

@@ -1,24 +1,53 @@
-"""`lacy-fast train`: the DeepSpeed training loop.
+"""`lacy-fast train`: the DeepSpeed training loop, as a ``Trainer``.
 
     lacy-fast train --config tiny data.path=DIR [key=value ...]
     torchrun --nproc_per_node 8 -m lacy_fast.cli train --config lacy-334m data.path=DIR
     deepspeed --num_gpus 8 --module lacy_fast.cli train --config lacy-334m data.path=DIR
 
-One optimizer step = ``grad_accum`` micro-steps on every rank. Per step, on the host and
-without touching the device: the batch's ground-truth-gradient token count (the op's
-selection sizes are a function of the flags alone, so they are known before the forward)
-and the stop signal are summed over ranks on a gloo group, so the equal-budget stopping
-rule and SIGTERM handling cost no device synchronisation. Loss statistics stay on the
-device and are read once per ``log_every`` steps, when ``metrics.jsonl`` gets one row per
-step (throughput and MFU are averages over that interval).
+``Trainer`` reads top to bottom as a run does: ``__init__`` builds it (data and tokenizer,
+the resolved objective, the run identity, the out_dir lock, model, reference model,
+schedule, DeepSpeed engine, resume, metrics); ``run`` loops ``step`` until the step or
+token budget is spent, calling ``log`` every ``log_every`` steps and ``save`` every
+``ckpt_every``. Each guard has one place:
+
+- ``__init__``: a lock on out_dir (``lacy_fast/lock.py``; a second run is refused), then
+  the resume check: every setting of the run identity must match the checkpoint's
+  (``identity.py``, which lists the settings that may change).
+- ``step``: records on the device whether the step's loss and gradient norm are finite
+  (``FiniteGuard``), without a host synchronisation.
+- ``log``: the one device read per ``log_every`` steps; writes the rows and stops a run
+  whose loss or gradient norm stopped being finite.
+- ``save``: writes pending metric rows first (so a kill -9 after a checkpoint loses none),
+  refuses to save non-finite weights (the guard, then the weights themselves), then writes
+  the checkpoint and the export.
+
+Per step, on the host and without touching the device: the batch's ground-truth-gradient
+token count (selection sizes are a function of the flags alone, ``lacy_fast.method``) and
+the stop signal are summed over ranks on a gloo group, so the equal-budget stopping rule
+and SIGTERM handling cost no device synchronisation.
+
+Non-finite steps stop the run; they are not skipped. fp16 loss scaling skips steps because
+an overflow there is expected and fixed by lowering the scale; this trainer runs fp32 or
+bf16, where a NaN or inf loss or gradient means the weights or the optimiser state have
+already gone bad (or a batch is broken, and the data order, a function of the step, would
+serve it again on every rerun). A skip cannot be done on the device without a host
+decision per step or a copy of the optimiser state, and DeepSpeed's ZeRO-1/2 already skip
+such steps silently, hiding the divergence. So the run stops with one sentence naming the
+step and exit code 2; nothing after the last finite state is ever saved, so the last
+checkpoint and ``OUT/export`` stay finite, and the fix is one command: rerun with a lower
+``train.lr`` (or more ``train.warmup_steps``), which resumes from that checkpoint. A run may
+compute up to ``log_every - 1`` steps past the bad one before it notices; those are never
+saved.
 
 Rerunning the same command on the same ``out_dir`` resumes from the newest checkpoint:
-model, optimizer, scheduler, RNG and data position (a pure function of the step).
+model, optimizer, scheduler, RNG and data position (a pure function of the step). The
+method itself is docs/method.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -34,12 +63,9 @@ import torch
 from lacy_fast.config import RunConfig, explain, from_dict, load_config, to_dict
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json
+from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selection_fraction
 from lacy_fast.progress import Progress, human
 from lacy_fast.train.metrics import MetricsWriter, mfu, peak_memory_bytes, peak_tflops
-
-if not torch.cuda.is_available():  # before deepspeed is imported: it picks its accelerator then
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 
 # ----------------------------------------------------------------------------------------
 # Distributed setup
@@ -86,10 +112,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _select_accelerator() -> None:
+    """DeepSpeed picks its accelerator once, at its first ``get_accelerator()`` (which
+    importing it runs): ``DS_ACCELERATOR`` if set, else CUDA when there is a device, else
+    the CPU with a warning that a GPU may have gone undetected. Without CUDA the CPU is
+    chosen explicitly here, when a run starts (never at import), and the environment is
+    given back as it was: DeepSpeed keeps its choice for the process."""
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+    finally:
+        os.environ.pop("DS_ACCELERATOR", None)
+
+
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op when it first
     initialises (about 45 s on a fresh machine). Gloo does that job for the CPU runs this
-    project has (tests, the demo), so the op is marked unavailable unless LACY_FAST_DS_SHM=1."""
+    project has (tests, the demo), so the op is marked unavailable unless LACY_FAST_DS_SHM=1.
+
+    This writes DeepSpeed's own table of compatible ops because no public switch exists:
+    in DeepSpeed 0.19.8 ``comm.torch.build_shm_op`` consults only
+    ``deepspeed.ops.__compatible_ops__``; ``DS_BUILD_SHM_COMM`` governs ahead-of-time
+    builds at install time, not this JIT build, and ``init_distributed`` takes no option.
+    """
     if os.environ.get("LACY_FAST_DS_SHM") == "1":
         return
     import deepspeed.ops
@@ -121,42 +170,20 @@ def setup_distributed() -> Dist:
     return Dist(rank, world, local_rank, device, control, owned_env)
 
 
-def _sum_host(values: list[int], d: Dist) -> list[int]:
-    """Sum small host integers over ranks (gloo, no device sync)."""
+def _reduce_host(values: list[int], d: Dist, op: str = "sum") -> list[int]:
+    """Sum (or min, max) small host integers over ranks (gloo, no device sync)."""
     if d.control is None:
         return values
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, group=d.control)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                    group=d.control)
     return t.tolist()
 
 
 # ----------------------------------------------------------------------------------------
-# Selection sizes on the host
-# ----------------------------------------------------------------------------------------
-
-
-def selected_count(strategy: str, call_fraction: float, n_valid: int, n_facts: int, n_judge: int) -> int:
-    """How many targets of a micro-batch the op relabels (or drops), from counts alone.
-
-    Mirrors the op's semantics: top ``floor(call_fraction * candidates)`` for lacy / ignore
-    (facts), loss / rho (all valid targets); every fact for spacy, every judge label for
-    judge; nothing for none.
-    """
-    if strategy in ("lacy", "ignore"):
-        return math.floor(call_fraction * n_facts)
-    if strategy in ("loss", "rho"):
-        return math.floor(call_fraction * n_valid)
-    if strategy == "spacy":
-        return n_facts
-    if strategy == "judge":
-        return n_judge
-    return 0
-
-
-# ----------------------------------------------------------------------------------------
-# Building the run
+# Pieces of a run
 # ----------------------------------------------------------------------------------------
 
 
@@ -166,6 +193,30 @@ def _precision(cfg: RunConfig, device: torch.device) -> str:
             raise UserError("train.precision=bf16 needs a GPU here; use fp32 (or auto) on CPU")
         return cfg.train.precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_call_rate(cfg: RunConfig) -> tuple[float | None, str]:
+    """``objective.call_rate`` as a number, and how it was found. Only loss and rho read it
+    (they rank all targets); for the others it is None when it cannot be resolved."""
+    o = cfg.objective
+    if o.call_rate != "auto":
+        return float(o.call_rate), "set"
+    stats_path = Path(cfg.data.path) / "stats.json" if cfg.data.path else None
+    fact_fraction = None
+    if cfg.data.source == "shards" and stats_path is not None and stats_path.is_file():
+        try:
+            fact_fraction = json.loads(stats_path.read_text()).get("fact_fraction")
+        except json.JSONDecodeError:
+            fact_fraction = None
+    if not isinstance(fact_fraction, (int, float)):
+        if o.strategy not in RANK_ALL:
+            return None, "unused by this strategy"
+        where = "data.source=online labels its data as it trains" if cfg.data.source == "online" else \
+            f"{stats_path} holds no fact_fraction" if stats_path is not None else "data.path is unset"
+        raise UserError(f"objective.call_rate=auto needs the fact fraction that `lacy-fast prepare` measured, but "
+                        f"{where}; set objective.call_rate to a number in [0, 1]")
+    rate = o.call_fraction * float(fact_fraction)
+    return rate, f"objective.call_fraction {o.call_fraction} x fact fraction {fact_fraction:.4f} of {stats_path}"
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -178,7 +229,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 def _data_source(cfg: RunConfig, d: Dist):
     t = cfg.train
     common = dict(seq_len=t.seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, world=d.world,
-                  rank=d.rank, seed=cfg.data.seed, pin=d.device.type == "cuda")
+                  rank=d.rank, seed=cfg.data.seed, pin=d.device.type == "cuda",
+                  ignore_index=cfg.objective.ignore_index)
     if cfg.data.source == "online":
         from lacy_fast.data.prefetch import OnlineBatches
 
@@ -190,22 +242,6 @@ def _data_source(cfg: RunConfig, d: Dist):
     return ShardBatches(cfg.data.path, **common)
 
 
-def _budget_steps(cfg: RunConfig, source, d: Dist, probe: int = 16) -> int:
-    """Steps the token budget will take, estimated from the first ``probe`` steps' batches
-    (host-side counts, no model run): the cosine schedule's length under an equal-budget run."""
-    t, o = cfg.train, cfg.objective
-    if not hasattr(source, "batch"):
-        raise UserError("with data.source=online the token budget cannot be turned into a schedule length up "
-                        "front; set train.lr_decay_steps as well as train.max_gt_tokens")
-    total = 0
-    for step in range(probe):
-        for micro in range(t.grad_accum):
-            b = source.batch(step, micro)
-            total += b.n_valid - selected_count(o.strategy, o.call_fraction, b.n_valid, b.n_facts, b.n_judge)
-    per_step = max(1, _sum_host([total], d)[0] // probe)
-    return min(t.max_steps, math.ceil(t.max_gt_tokens / per_step))
-
-
 @dataclass
 class StepStats:
     """Device-side sums of one optimizer step (read at log time)."""
@@ -214,14 +250,14 @@ class StepStats:
     n_facts: int = 0
     gt_tokens: int = 0
     lr: float = 0.0
-    grad_norm: float | torch.Tensor | None = None  # DeepSpeed's (host), or ours (device)
+    grad_norm: float | torch.Tensor | None = None  # DeepSpeed's (host or device), or ours (device)
 
 
 def _micro_sums(loss: torch.Tensor, stats: dict[str, torch.Tensor], targets: torch.Tensor, strategy: str,
-                ignore_index: int) -> torch.Tensor:
+                rule: Targets) -> torch.Tensor:
     """(6,) device sums of a micro-batch: loss, gt loss sum, n_gt, CALL loss sum, n_call, n_valid."""
     with torch.no_grad():
-        valid = targets.flatten() != ignore_index  # (N,)
+        valid = rule.valid(targets.flatten())  # (N,) the op's valid targets
         is_call = stats["is_call"] & valid
         gt = valid & ~is_call
         p_call = stats["p_call"].float()
@@ -235,6 +271,31 @@ def _micro_sums(loss: torch.Tensor, stats: dict[str, torch.Tensor], targets: tor
             torch.where(is_call, call_loss, 0).sum(), is_call.sum().float(),
             valid.sum().float(),
         ])
+
+
+class FiniteGuard:
+    """The first step whose loss or gradient norm was NaN or infinite, kept on the device.
+
+    ``record`` is a few device ops per step and never synchronises; ``first_bad`` reads it
+    (one synchronisation, done where the loop synchronises anyway: at log and save time)
+    and agrees on it across ranks.
+    """
+
+    def __init__(self, device: torch.device):
+        self._first = torch.zeros((), dtype=torch.int64, device=device)  # 0: every step finite so far
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: float | torch.Tensor | None) -> None:
+        finite = torch.isfinite(loss.detach())
+        if isinstance(grad_norm, torch.Tensor):
+            finite = finite & torch.isfinite(grad_norm.detach().to(finite.device))
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            finite = torch.zeros_like(finite)
+        self._first = torch.where((self._first == 0) & ~finite, step, self._first)
+
+    def first_bad(self, d: Dist) -> int | None:
+        first = int(self._first)
+        first = _reduce_host([first if first else 1 << 62], d, "min")[0]
+        return None if first == 1 << 62 else first
 
 
 class _Signals:
@@ -256,11 +317,6 @@ class _Signals:
             signal.signal(sig, old)
 
 
-# ----------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------
-
-
 def _quiet_deepspeed() -> None:
     import logging
 
@@ -276,178 +332,345 @@ def _lr_warning_filter(record) -> bool:
     return "before it has started" not in record.getMessage()
 
 
+# ----------------------------------------------------------------------------------------
+# The Trainer
+# ----------------------------------------------------------------------------------------
+
+
 def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) ``cfg``; returns a summary (final step, tokens, last metrics)."""
+    _select_accelerator()
     _quiet_deepspeed()
     d = setup_distributed()
     try:
-        return _train(cfg, d, progress)
+        trainer = Trainer(cfg, d, progress=progress)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         d.teardown()
 
 
-def _train(cfg: RunConfig, d: Dist, progress: bool) -> dict[str, Any]:
-    import deepspeed
+class Trainer:
+    """One training run on this rank (see the module doc): build, then ``run``."""
 
-    from lacy_fast.data.tokenizer import Tokenizer
-    from lacy_fast.model import GPT
-    from lacy_fast.model.io import load_export, save_export
-    from lacy_fast.train.checkpoint import Checkpointer
-    from lacy_fast.train.ds_config import deepspeed_config
-    from lacy_fast.train.objective import LacyLM, reference_nll
+    def __init__(self, cfg: RunConfig, d: Dist, *, progress: bool = True):
+        self.cfg, self.d, self.progress = cfg, d, progress
+        self.out = Path(cfg.out_dir)
+        self.lock = None
+        self.batches = None
+        self.writer = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
 
-    out = Path(cfg.out_dir)
-    t, o = cfg.train, cfg.objective
-    precision = _precision(cfg, d.device)
+    # -- build ----------------------------------------------------------------------------
 
-    source = _data_source(cfg, d)
-    tokenizer = Tokenizer.load(source.tokenizer_path)
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has "
-                        f"{tokenizer.vocab_size} tokens; leave model.vocab_size unset")
-    model_cfg = from_dict(type(cfg.model), {**to_dict(cfg.model), "vocab_size": tokenizer.vocab_size})
-    identity = {"model": to_dict(model_cfg), "tokenizer_sha256": tokenizer.sha256, "call_id": tokenizer.call_id}
+    def _build(self) -> None:
+        import deepspeed
 
-    ckpt = Checkpointer(out, t.keep_last, d.rank)
-    resume_tag = ckpt.latest()
-    if resume_tag is not None:
-        ckpt.check_compatible(resume_tag, identity, out)
+        from lacy_fast.model import GPT
+        from lacy_fast.train.checkpoint import Checkpointer
+        from lacy_fast.train.ds_config import deepspeed_config
+        from lacy_fast.train.identity import check_resume, data_fingerprint, export_fingerprint, run_identity
+        from lacy_fast.train.objective import LacyLM
 
-    torch.manual_seed(t.seed)
-    model = GPT(model_cfg)
-    module = LacyLM(model, o, tokenizer.call_id)
-    if cfg.zero_stage == 3:  # the loss reads the tied head outside the embedding's forward
-        deepspeed.zero.register_external_parameter(module, model.wte.weight)
+        cfg, d = self.cfg, self.d
+        t = cfg.train
+        self.precision = _precision(cfg, d.device)
 
-    ref = None
-    if o.strategy == "rho":
-        ref, ref_meta = load_export(o.ref_checkpoint, device=d.device,
-                                    dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        if ref_meta.get("tokenizer_sha256") != tokenizer.sha256:
+        # Data, tokenizer, and the objective as this data resolves it.
+        self.source = _data_source(cfg, d)
+        self.tokenizer = tok = self.source.tokenizer
+        self.rule: Targets = self.source.targets
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has "
+                            f"{tok.vocab_size} tokens; leave model.vocab_size unset")
+        self.model_cfg = from_dict(type(cfg.model), {**to_dict(cfg.model), "vocab_size": tok.vocab_size})
+        rate, _ = resolve_call_rate(cfg)
+        self.call_rate = rate if cfg.objective.strategy in RANK_ALL else None  # None: unused by this strategy
+        self.objective = o = dataclasses.replace(cfg.objective, call_rate=self.call_rate
+                                                 if self.call_rate is not None else cfg.objective.call_rate)
+        self.fraction = selection_fraction(o.strategy, o.call_fraction, o.call_rate)
+        self.ref, ref_meta = self._reference_model()
+
+        self.identity = run_identity(
+            cfg, model=self.model_cfg, precision=self.precision, call_rate=self.call_rate,
+            tokenizer_sha256=tok.sha256, call_id=tok.call_id, world_size=d.world,
+            data=data_fingerprint(cfg.data.path) if cfg.data.source == "shards" else None,
+            ref=export_fingerprint(ref_meta) if ref_meta is not None else None)
+
+        # Nothing reads or writes out_dir before the lock is held.
+        self._lock_out_dir()
+        self.ckpt = Checkpointer(self.out, t.keep_last, d.rank)
+        self.resume_tag = self.ckpt.latest()
+        if self.resume_tag is not None:
+            check_resume(self.ckpt.meta(self.resume_tag).get("identity"), self.identity,
+                         self.ckpt.dir / self.resume_tag, self.out)
+
+        torch.manual_seed(t.seed)
+        self.model = GPT(self.model_cfg)
+        self.module = LacyLM(self.model, o, tok.call_id)
+        if cfg.zero_stage == 3:  # the loss reads the tied head outside the embedding's forward
+            deepspeed.zero.register_external_parameter(self.module, self.model.wte.weight)
+
+        if t.max_gt_tokens > 0 and t.lr_decay_steps == 0:
+            t = dataclasses.replace(t, lr_decay_steps=self._budget_steps())
+        self.t = t
+        self.run_cfg = dataclasses.replace(cfg, train=t)
+        ds_cfg = deepspeed_config(self.run_cfg, world_size=d.world, precision=self.precision)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, config=ds_cfg,
+                                                    model_parameters=_param_groups(self.module, t.weight_decay))
+        if t.compile:
+            self.engine.compile()
+
+        self.step_no, self.gt_tokens, self.data_state = 0, 0, None
+        self.last_saved: int | None = None
+        if self.resume_tag is not None:
+            self._resume()
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", {**to_dict(self.run_cfg), "resolved": {
+                "precision": self.precision, "world_size": d.world, "model": to_dict(self.model_cfg),
+                "call_rate": self.call_rate}})
+        self.writer = MetricsWriter(self.out, d.is_main, self.step_no)
+        self.guard = FiniteGuard(d.device)
+        self.own_norm = cfg.zero_stage == 0 and self.precision == "fp32"
+        self.grads_of = [p for p in self.module.parameters() if p.requires_grad]
+        self.flops_per_token = self.model.estimate_flops_per_token(t.seq_len)
+        self.peak = peak_tflops(d.device, self.precision, t.peak_tflops)
+        self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * d.world
+        self.pending: list[StepStats] = []
+        self.last_row: dict[str, Any] = {}
+        self.interval_start, self.interval_wait = time.perf_counter(), 0.0
+        self.profiler = _profiler(t, self.out, d) if t.profile_steps > 0 else None
+
+    def _reference_model(self):
+        """The frozen reference export of strategy rho (and its metadata), else (None, None)."""
+        from lacy_fast.model.io import load_export
+
+        o = self.cfg.objective
+        if o.strategy != "rho":
+            return None, None
+        ref, meta = load_export(o.ref_checkpoint, device=self.d.device,
+                                dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        if meta.get("tokenizer_sha256") != self.tokenizer.sha256:
             raise UserError(f"objective.ref_checkpoint {o.ref_checkpoint} was trained with another tokenizer; "
                             "rho needs a reference model on the same tokenizer as data.path")
         ref.requires_grad_(False)
+        return ref, meta
 
-    if t.max_gt_tokens > 0 and t.lr_decay_steps == 0:
-        t = dataclasses.replace(t, lr_decay_steps=_budget_steps(cfg, source, d))
-    run_cfg = dataclasses.replace(cfg, train=t)
-    ds_cfg = deepspeed_config(run_cfg, world_size=d.world, precision=precision)
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=_param_groups(module, t.weight_decay),
-                                           config=ds_cfg)
-    if t.compile:
-        engine.compile()
+    def _lock_out_dir(self) -> None:
+        """Rank 0 locks out_dir for the run; every rank learns whether it could."""
+        from lacy_fast.lock import DirLock
 
-    step, gt_tokens, data_state = 0, 0, None
-    if resume_tag is not None:
-        state, data_state = ckpt.load(engine, resume_tag)
-        step, gt_tokens = state["step"], state["gt_tokens"]
-        if d.is_main:
-            print(f"resuming {out} from step {step}", file=sys.stderr)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**to_dict(run_cfg), "resolved": {"precision": precision, "world_size": d.world,
-                                                                            "model": to_dict(model_cfg)}})
-    writer = MetricsWriter(out, d.is_main, step)
-    flops_per_token = model.estimate_flops_per_token(t.seq_len)
-    peak = peak_tflops(d.device, precision, t.peak_tflops)
-    tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum * d.world
+        error = None
+        if self.d.is_main:
+            lock = DirLock(self.out, "training run")
+            try:
+                lock.acquire()
+                self.lock = lock
+            except UserError as err:
+                error = err
+        if _reduce_host([int(error is not None)], self.d)[0]:
+            raise error or UserError(f"{self.out} is in use by another training run (rank 0 names it); wait for it "
+                                     "to finish or stop it, or use another out_dir")
 
-    def save(at_step: int) -> None:
-        ckpt.save(engine, at_step, {**identity, "gt_tokens": gt_tokens, "world_size": d.world}, data_state)
-        _export(engine, model, cfg.zero_stage, d, out / "export", tokenizer, to_dict(run_cfg),
-                {"step": at_step, "gt_tokens": gt_tokens, "strategy": o.strategy}, save_export)
-
-    def budget_left() -> bool:
-        return step < t.max_steps and (t.max_gt_tokens == 0 or gt_tokens < t.max_gt_tokens)
-
-    if not budget_left():
-        if d.is_main:
-            print(f"{out} is already trained to step {step} ({human(gt_tokens)} ground-truth tokens); "
-                  "raise train.max_steps (or train.max_gt_tokens) to continue", file=sys.stderr)
-        return {"step": step, "gt_tokens": gt_tokens, "resumed": resume_tag is not None}
-
-    from lacy_fast.data.loader import Background
-
-    batches = Background(source.batches(step, data_state), cfg.data.queue_depth)
-    signals = _Signals()
-    # Under a token budget the run ends near the schedule's estimated length, not max_steps.
-    expected = min(t.max_steps, t.lr_decay_steps) if t.max_gt_tokens > 0 else t.max_steps
-    bar = Progress("train", total=expected, unit="steps", initial=step, enabled=d.is_main and progress)
-    pending: list[StepStats] = []
-    interval_start, interval_wait, last_row = time.perf_counter(), 0.0, {}
-    profiler = _profiler(t, out, d) if t.profile_steps > 0 else None
-    own_norm = cfg.zero_stage == 0 and precision == "fp32"
-    grads_of = [p for p in module.parameters() if p.requires_grad]
-    norm = None
-    stopped_by = None
-    try:
-        while budget_left():
-            if profiler is not None and step == t.profile_start:
-                profiler.start()
-            waited0 = batches.waited
-            sums, host_gt, n_facts = None, 0, 0
+    def _budget_steps(self, probe: int = 16) -> int:
+        """Steps the token budget will take, estimated from the first ``probe`` steps' batches
+        (host-side counts, no model run): the cosine schedule's length under an equal-budget run."""
+        t, o = self.cfg.train, self.objective
+        if not hasattr(self.source, "batch"):
+            raise UserError("with data.source=online the token budget cannot be turned into a schedule length up "
+                            "front; set train.lr_decay_steps as well as train.max_gt_tokens")
+        total = 0
+        for step in range(probe):
             for micro in range(t.grad_accum):
-                batch = batches.next()
-                data_state = batch.position
-                batch = batch.to(d.device)
-                ref_nll = None
-                if ref is not None:
-                    ref_nll = reference_nll(ref, batch.idx, batch.targets, batch.flags, tokenizer.call_id,
-                                            o.ignore_index, o.impl)
-                loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll)
-                engine.backward(loss)
-                if micro == t.grad_accum - 1 and own_norm:
-                    # ZeRO-0 in fp32 clips without recording the norm: take it from the
-                    # (already all-reduced) gradients, on the device.
-                    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads_of]))
-                engine.step()
-                micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, o.ignore_index)
-                sums = micro_sums if sums is None else sums + micro_sums
-                host_gt += batch.n_valid - selected_count(o.strategy, o.call_fraction, batch.n_valid,
-                                                          batch.n_facts, batch.n_judge)
-                n_facts += batch.n_facts
-            step += 1
-            step_gt, step_facts, stop = _sum_host([host_gt, n_facts, int(signals.received is not None)], d)
-            gt_tokens += step_gt
-            interval_wait += batches.waited - waited0
-            if not own_norm:
-                norm = engine.get_global_grad_norm()
-                norm = None if norm is None else float(norm)
-            pending.append(StepStats(sums, step_facts, gt_tokens, float(engine.get_lr()[0]), norm))
-            if profiler is not None:
-                profiler.step()
-                if step == t.profile_start + t.profile_steps:
-                    profiler.stop()
-                    profiler = None
-            done = not budget_left()
-            if step % t.log_every == 0 or done or stop:
-                elapsed = time.perf_counter() - interval_start
-                rows = _rows(pending, step, t.grad_accum, tokens_per_step, elapsed, interval_wait, flops_per_token,
-                             peak, d, precision)
-                writer.write(rows if d.is_main else [])
-                last_row = rows[-1]
-                bar.update(len(pending))
-                bar.set_note(f"loss {last_row['loss']:.3f} | call {last_row['call_rate']:.1%} | "
-                             f"{human(last_row['tokens_per_s'])} tok/s" +
-                             (f" | mfu {last_row['mfu']:.1%}" if last_row.get("mfu") is not None else ""))
-                pending, interval_start, interval_wait = [], time.perf_counter(), 0.0
-            if stop:
-                stopped_by = signals.received or "a signal on another rank"
-                break
-            if t.ckpt_every and step % t.ckpt_every == 0 and not done:
-                save(step)
-                interval_start = time.perf_counter()  # throughput counts training, not saving
-        save(step)
-    finally:
-        signals.restore()
-        batches.close()
-        writer.close()
-    bar.close()
-    if stopped_by and d.is_main:
-        print(f"stopped by {stopped_by} at step {step}; checkpoint saved in {out}/checkpoints; "
-              "rerun the same command to resume", file=sys.stderr)
-    return {"step": step, "gt_tokens": gt_tokens, "stopped_by": stopped_by, "last": last_row,
-            "resumed": resume_tag is not None}
+                b = self.source.batch(step, micro)
+                total += ground_truth_count(o.strategy, self.fraction, b.n_valid, b.n_facts, b.n_judge)
+        per_step = max(1, _reduce_host([total], self.d)[0] // probe)
+        return min(t.max_steps, math.ceil(t.max_gt_tokens / per_step))
+
+    def _resume(self) -> None:
+        state, self.data_state = self.ckpt.load(self.engine, self.resume_tag)
+        self.step_no, self.gt_tokens = state["step"], state["gt_tokens"]
+        self.last_saved = self.step_no
+        # The optimiser state brought back the old learning rate; the schedule, rebuilt from
+        # this run's config, sets it again from the first resumed step on (train.lr may change).
+        sched = self.engine.lr_scheduler
+        sched.step(sched.last_batch_iteration)
+        if self.d.is_main:
+            print(f"resuming {self.out} from step {self.step_no}", file=sys.stderr)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def budget_left(self) -> bool:
+        t = self.t
+        return self.step_no < t.max_steps and (t.max_gt_tokens == 0 or self.gt_tokens < t.max_gt_tokens)
+
+    def run(self) -> dict[str, Any]:
+        d, t = self.d, self.t
+        resumed = self.resume_tag is not None
+        if not self.budget_left():
+            if d.is_main:
+                print(f"{self.out} is already trained to step {self.step_no} ({human(self.gt_tokens)} ground-truth "
+                      "tokens); raise train.max_steps (or train.max_gt_tokens) to continue", file=sys.stderr)
+            return {"step": self.step_no, "gt_tokens": self.gt_tokens, "resumed": resumed}
+
+        from lacy_fast.data.loader import Background
+
+        self.batches = Background(self.source.batches(self.step_no, self.data_state), self.cfg.data.queue_depth)
+        signals = _Signals()
+        # Under a token budget the run ends near the schedule's estimated length, not max_steps.
+        expected = min(t.max_steps, t.lr_decay_steps) if t.max_gt_tokens > 0 else t.max_steps
+        self.bar = Progress("train", total=expected, unit="steps", initial=self.step_no,
+                            enabled=d.is_main and self.progress)
+        stopped_by = None
+        try:
+            while self.budget_left():
+                stop = self.step(signals)
+                done = not self.budget_left()
+                if self.step_no % t.log_every == 0 or done or stop:
+                    self.log()
+                if stop:
+                    stopped_by = signals.received or "a signal on another rank"
+                    break
+                if t.ckpt_every and self.step_no % t.ckpt_every == 0 and not done:
+                    self.save()
+            self.save()
+        finally:
+            signals.restore()
+            self.bar.close()
+        if stopped_by and d.is_main:
+            print(f"stopped by {stopped_by} at step {self.step_no}; checkpoint saved in {self.out}/checkpoints; "
+                  "rerun the same command to resume", file=sys.stderr)
+        return {"step": self.step_no, "gt_tokens": self.gt_tokens, "stopped_by": stopped_by, "last": self.last_row,
+                "resumed": resumed}
+
+    def step(self, signals: _Signals | None = None) -> bool:
+        """One optimizer step (``grad_accum`` micro-steps); returns whether a rank was asked to stop."""
+        d, t, o, engine = self.d, self.t, self.objective, self.engine
+        if self.profiler is not None and self.step_no == t.profile_start:
+            self.profiler.start()
+        waited0 = self.batches.waited
+        sums, host_gt, n_facts, norm = None, 0, 0, None
+        for micro in range(t.grad_accum):
+            batch = self.batches.next()
+            self.data_state = batch.position
+            batch = batch.to(d.device)
+            ref_nll = None
+            if self.ref is not None:
+                from lacy_fast.train.objective import reference_nll
+
+                ref_nll = reference_nll(self.ref, batch.idx, batch.targets, batch.flags, self.tokenizer.call_id,
+                                        o.ignore_index, o.impl)
+            loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll)
+            engine.backward(loss)
+            if micro == t.grad_accum - 1 and self.own_norm:
+                # ZeRO-0 in fp32 clips without recording the norm: take it from the
+                # (already all-reduced) gradients, on the device.
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.grads_of]))
+            engine.step()
+            micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, self.rule)
+            sums = micro_sums if sums is None else sums + micro_sums
+            host_gt += ground_truth_count(o.strategy, self.fraction, batch.n_valid, batch.n_facts, batch.n_judge)
+            n_facts += batch.n_facts
+        self.step_no += 1
+        stop_here = int(signals is not None and signals.received is not None)
+        step_gt, step_facts, stop = _reduce_host([host_gt, n_facts, stop_here], d)
+        self.gt_tokens += step_gt
+        self.interval_wait += self.batches.waited - waited0
+        if not self.own_norm:
+            norm = engine.get_global_grad_norm()  # a float or a tensor: never read here
+            norm = norm.detach() if isinstance(norm, torch.Tensor) else norm
+        self.guard.record(self.step_no, sums[0], norm)
+        self.pending.append(StepStats(sums, step_facts, self.gt_tokens, float(engine.get_lr()[0]), norm))
+        if self.profiler is not None:
+            self.profiler.step()
+            if self.step_no == t.profile_start + t.profile_steps:
+                self.profiler.stop()
+                self.profiler = None
+        return bool(stop)
+
+    def log(self) -> None:
+        """Write the pending steps' rows (one device read) and stop if a step was not finite."""
+        if not self.pending:
+            return
+        t = self.t
+        elapsed = time.perf_counter() - self.interval_start
+        rows = _rows(self.pending, self.step_no, t.grad_accum, self.tokens_per_step, elapsed, self.interval_wait,
+                     self.flops_per_token, self.peak, self.d, self.precision)
+        bad = self.guard.first_bad(self.d)
+        if bad is not None:
+            rows = [r for r in rows if r["step"] <= bad]  # the bad step is shown, what followed it is not
+        self.writer.write(rows if self.d.is_main else [])
+        self.bar.update(len(self.pending))
+        self.pending, self.interval_start, self.interval_wait = [], time.perf_counter(), 0.0
+        if bad is not None:
+            raise self._diverged(bad)
+        self.last_row = rows[-1]
+        self.bar.set_note(f"loss {self.last_row['loss']:.3f} | call {self.last_row['call_rate']:.1%} | "
+                          f"{human(self.last_row['tokens_per_s'])} tok/s" +
+                          (f" | mfu {self.last_row['mfu']:.1%}" if self.last_row.get("mfu") is not None else ""))
+
+    def save(self) -> None:
+        """Checkpoint and export the current step, never a non-finite one."""
+        from lacy_fast.model.io import first_non_finite, save_export
+
+        self.log()  # rows first: a kill after the checkpoint loses none of them
+        bad = self.guard.first_bad(self.d)
+        if bad is not None:
+            raise self._diverged(bad)
+        state = self._gather_weights()
+        broken = first_non_finite(state) if self.d.is_main else None
+        if _reduce_host([int(broken is not None)], self.d)[0]:
+            raise self._diverged(self.step_no, what=f"the weights ({broken or 'on rank 0'})")
+        self.ckpt.save(self.engine, self.step_no, {"identity": self.identity, "gt_tokens": self.gt_tokens,
+                                                   "world_size": self.d.world}, self.data_state)
+        if self.d.is_main:
+            save_export(self.out / "export", self.model, tokenizer_path=self.tokenizer.path,
+                        tokenizer_sha256=self.tokenizer.sha256, call_id=self.tokenizer.call_id,
+                        train_config=to_dict(self.run_cfg),
+                        extra={"step": self.step_no, "gt_tokens": self.gt_tokens, "strategy": self.objective.strategy},
+                        state_dict=state)
+        import torch.distributed as dist
+
+        dist.barrier()
+        self.last_saved = self.step_no
+        self.interval_start = time.perf_counter()  # throughput counts training, not saving
+
+    def _gather_weights(self) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on rank 0 (gathered from ZeRO-3 shards), None elsewhere."""
+        import deepspeed
+
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                return {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()} \
+                    if self.d.is_main else None
+        return self.model.state_dict() if self.d.is_main else None
+
+    def _diverged(self, step: int, what: str = "the loss or the gradient norm") -> UserError:
+        if self.last_saved is None:
+            kept = ("no checkpoint was saved before it, so start again with a lower train.lr (or more "
+                    "train.warmup_steps)")
+        else:
+            kept = (f"{self.out}/checkpoints/step_{self.last_saved:08d} and {self.out}/export hold the last finite "
+                    f"state (step {self.last_saved}), and rerunning with a lower train.lr (or more "
+                    "train.warmup_steps) resumes from it")
+        return UserError(f"training diverged: {what} is not finite at step {step}, and nothing from that step on was "
+                         f"saved; {kept}")
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _rows(pending: list[StepStats], step: int, grad_accum: int, tokens_per_step: int, elapsed: float, wait: float,
@@ -462,8 +685,10 @@ def _rows(pending: list[StepStats], step: int, grad_accum: int, tokens_per_step:
         sums[:, 0] /= d.world  # loss: mean of the ranks' means
     values = sums.tolist()
     norms = [p.grad_norm for p in pending]
-    if any(isinstance(x, torch.Tensor) for x in norms):
-        norms = torch.stack(norms).tolist()
+    on_device = [i for i, x in enumerate(norms) if isinstance(x, torch.Tensor)]
+    if on_device:
+        for i, value in zip(on_device, torch.stack([norms[i].float() for i in on_device]).tolist()):
+            norms[i] = value
     n = len(pending)
     tokens_per_s = tokens_per_step * n / max(elapsed, 1e-9)
     util = mfu(flops_per_token, tokens_per_s, peak, d.world)
@@ -490,25 +715,6 @@ def _rows(pending: list[StepStats], step: int, grad_accum: int, tokens_per_step:
     return rows
 
 
-def _export(engine, model, zero_stage: int, d: Dist, path: Path, tokenizer, train_config: dict, extra: dict,
-            save_export) -> None:
-    """Consolidated safetensors export of the current weights (gathered from ZeRO-3 shards)."""
-    import deepspeed
-
-    if zero_stage == 3:
-        params = list(model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if d.is_main else None
-    else:
-        state = model.state_dict() if d.is_main else None
-    if d.is_main:
-        save_export(path, model, tokenizer_path=tokenizer.path, tokenizer_sha256=tokenizer.sha256,
-                    call_id=tokenizer.call_id, train_config=train_config, extra=extra, state_dict=state)
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
 def _profiler(t, out: Path, d: Dist):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if d.device.type == "cuda":
@@ -532,15 +738,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="a preset name (tiny, gpt2-124m, lacy-334m, lacy-1.3b) "
                                                          "or a TOML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
-    parser.add_argument("--explain", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--explain", action="store_true", help="list every config key with its default and meaning "
+                        "(with a config and data.path: also what objective.call_rate resolves to)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.explain:
-        for key, default, text in explain(RunConfig):
-            print(f"{key:<28} {default:<14} {text}")
+        _explain(args)
         return 0
     cfg = load_config(RunConfig, args.config, args.overrides)
     train(cfg, progress=not args.quiet)
     return 0
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from lacy_fast.train.identity import MAY_CHANGE
+
+    print("Every key, its default and meaning (the method: docs/method.md):")
+    for key, default, text in explain(RunConfig):
+        print(f"{key:<28} {default:<14} {text}")
+    print("\nA resumed run must keep every setting above except these, which may change:")
+    for key, why in MAY_CHANGE.items():
+        print(f"{key:<28} {why}")
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    if cfg.data.path or cfg.data.source == "online":
+        try:
+            rate, how = resolve_call_rate(cfg)
+        except UserError as err:
+            rate, how = None, str(err)
+        print(f"\nobjective.call_rate for this config: {'unresolved' if rate is None else f'{rate:.4f}'} ({how})")

@@ -12,10 +12,14 @@ import torch.nn as nn
 
 from lacy_fast.config import ObjectiveConfig
 from lacy_fast.kernels import lacy_linear_cross_entropy
+from lacy_fast.method import selection_fraction
 from lacy_fast.model import GPT
 
 
 class LacyLM(nn.Module):
+    """``objective`` is resolved: for loss / rho its ``call_rate`` is a number (the loop
+    resolves ``auto``), which the op receives as the share of candidates to relabel."""
+
     def __init__(self, model: GPT, objective: ObjectiveConfig, call_id: int):
         super().__init__()
         self.model = model
@@ -38,7 +42,7 @@ class LacyLM(nn.Module):
             flags.flatten(),
             self.call_id,
             strategy=o.strategy,
-            call_fraction=o.call_fraction,
+            call_fraction=selection_fraction(o.strategy, o.call_fraction, o.call_rate),
             ref_nll=None if ref_nll is None else ref_nll.flatten(),
             ignore_index=o.ignore_index,
             impl=o.impl,
