@@ -1,4 +1,5 @@
 """Shards: round trip, memmap reading, refusal of other tokenizers, versions and torn files."""
+import re
 import struct
 
 import numpy as np
@@ -114,3 +115,13 @@ def test_render_marks_fact_runs():
     flags = np.array([0, 0, 1, 1, 0, 1, 1, 0], dtype=np.uint8)
     text = S.render(_Pieces(), np.arange(8), flags)
     assert text == "Born in [[Warsaw]] on [[3 May]]."
+
+
+def test_render_marks_fact_and_judge_runs_that_nest_and_cross():
+    # PIECES: "Born", " in", " War", "saw", " on", " 3", " May", "."
+    flags = np.array([0, 2, 3, 1, 0, 3, 3, 2], dtype=np.uint8)
+    text = S.render(_Pieces(), np.arange(8), flags, marks=S.MARKS)
+    assert text == "Born {{in [[War]]}}[[saw]] on [[{{3 May}}]]{{.}}"
+    plain = "".join(_Pieces.PIECES)
+    assert re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text) == plain
+    assert S.render(_Pieces(), np.arange(8), flags) == "Born in [[Warsaw]] on [[3 May]]."
