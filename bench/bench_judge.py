@@ -152,7 +152,8 @@ def _row(provider, model, flags, truth, ids, cpu, wall, questions, forward) -> d
     got, want = np.concatenate(flags), np.concatenate(truth)
     return {
         "provider": provider, "model": model, "docs": len(ids), "tokens": n_tokens, "cpu_seconds": cpu,
-        "seconds": wall, "tokens_per_core_s": n_tokens / cpu, "core_hours_per_billion_tokens": cpu / 3600 / n_tokens * 1e9,
+        "seconds": wall, "tokens_per_core_s": n_tokens / cpu,
+        "core_hours_per_billion_tokens": cpu / 3600 / n_tokens * 1e9,
         "questions_per_token": questions / n_tokens if questions else None,
         "forward_tokens_per_question": forward / questions if questions else None,
         "forward_tokens_per_token": forward / n_tokens if forward else None,

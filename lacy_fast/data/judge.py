@@ -66,7 +66,8 @@ from lacy_fast.progress import Progress
 
 MARKER = ".judge.json"  # shard_NNNNN.judge.json beside shard_NNNNN.bin
 VERSION = 1  # of the judges' logic: part of every judge's identity, so a change relabels
-_SPEC_HINT = "pass none, oracle:FACTS.jsonl (the facts.jsonl `lacy-fast synth` wrote) or hf:DIR (a local Hugging Face causal LM)"
+_SPEC_HINT = ("pass none, oracle:FACTS.jsonl (the facts.jsonl `lacy-fast synth` wrote) or hf:DIR (a local Hugging "
+              "Face causal LM)")
 
 # Words the hf judge is asked about: letters and digits, with inner apostrophes, hyphens,
 # periods and commas ("O'Neil-Smith", "1,234.5"), never whitespace or outer punctuation.
@@ -264,7 +265,8 @@ def answer_tokens(tokenizer: Any, path: str) -> tuple[list[int], int, int]:
     while n < min(len(yes), len(no)) and yes[n] == no[n]:
         n += 1
     if n == min(len(yes), len(no)):
-        raise UserError(f"the tokenizer of the judge model {path} cannot tell ' Yes' from ' No'; use another judge model")
+        raise UserError(f"the tokenizer of the judge model {path} cannot tell ' Yes' from ' No'; use another judge "
+                        "model")
     return yes[:n], yes[n], no[n]
 
 
@@ -333,7 +335,8 @@ def check_hf(path: str, cfg: JudgeConfig) -> None:
     except (OSError, json.JSONDecodeError):
         meta = None
     if not isinstance(meta, dict) or "model_type" not in meta:
-        raise UserError(f"--judge {spec}: {path} is not a Hugging Face model (no config.json with a model_type); {hint}")
+        raise UserError(f"--judge {spec}: {path} is not a Hugging Face model (no config.json with a model_type); "
+                        f"{hint}")
     transformers = _check_transformers(spec)
     try:
         config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
@@ -415,12 +418,12 @@ def judge_documents(judge: Judge, tokenizer: Tokenizer, texts: list[str], ids: l
     spans = judge.spans(texts, candidates)
     # Documents end to end in one character space (a gap between them) to project at once.
     base = np.cumsum([0] + [len(t) + 1 for t in texts])[:-1]
-    word_of_tok = project(
-        np.concatenate([s[:, 0] + b for s, b in zip(spans, base)]) if texts else np.zeros(0, np.int64),
-        np.concatenate([s[:, 1] + b for s, b in zip(spans, base)]) if texts else np.zeros(0, np.int64),
-        np.concatenate([o[1] + b for o, b in zip(offsets, base)]) if texts else np.zeros(0, np.int64),
-        np.concatenate([o[2] + b for o, b in zip(offsets, base)]) if texts else np.zeros(0, np.int64),
-        subwords)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([p + b for p, b in zip(parts, base)]) if parts else np.zeros(0, np.int64)
+
+    word_of_tok = project(cat([s[:, 0] for s in spans]), cat([s[:, 1] for s in spans]), cat([o[1] for o in offsets]),
+                          cat([o[2] for o in offsets]), subwords)
     flagged = word_of_tok >= 0
     out, start = [], 0
     for o in offsets:

@@ -216,7 +216,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
         "spacy_seconds": round(sum(s["label_seconds"] for s in timed), 3),
         "spacy_cpu_seconds": round(spacy_cpu, 3),
         "spacy_tokens_per_core_s": round(spacy_tokens / spacy_cpu, 1) if spacy_cpu > 0 else None,
-        "spacy_core_hours_per_billion_tokens": round(spacy_cpu / 3600 / spacy_tokens * 1e9, 2) if spacy_tokens else None,
+        "spacy_core_hours_per_billion_tokens": (round(spacy_cpu / 3600 / spacy_tokens * 1e9, 2) if spacy_tokens
+                                                else None),
         **judged,
         "fact_tokens_by_pos": total.to_dict()["fact_tokens_by_pos"],
         "fact_tokens_by_entity": total.to_dict()["fact_tokens_by_entity"],
