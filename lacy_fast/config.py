@@ -141,6 +141,28 @@ class LabelConfig(Config):
                               "set at least one of them")
 
 
+JUDGE_CANDIDATES = ("words", "spacy")
+
+
+@dataclass
+class JudgeConfig(Config):
+    spec: str = doc("none", "who sets flag bit 1 (the `judge` strategy's labels): none, oracle:FACTS.jsonl (the "
+                    "exact facts of `lacy-fast synth`'s table) or hf:DIR (a local Hugging Face causal LM asked "
+                    "per word); a step of its own, so changing it relabels bit 1 without redoing spaCy")
+    candidates: str = doc("words", "hf: the words asked: every word, or only words with a spaCy fact token "
+                          "(cheaper; the judge can then only confirm or drop spaCy's facts)", choices=JUDGE_CANDIDATES)
+    threshold: float = doc(0.0, "hf: a word is delegated when log p(' Yes') - log p(' No') exceeds this")
+    context_chars: int = doc(1000, "hf: characters of the passage the judge reads around the words it is asked about")
+    batch_size: int = doc(32, "hf: questions per forward pass (speed only)")
+    device: str = doc("cpu", "hf: torch device of the judge model in each worker (cpu, cuda, cuda:1, ...)")
+
+    def check(self) -> None:
+        self._positive("context_chars", "batch_size")
+        kind, sep, path = self.spec.partition(":")
+        if self.spec != "none" and (kind not in ("oracle", "hf") or not sep or not path):
+            raise ConfigError("spec", f"is {self.spec!r}; use none, oracle:FACTS.jsonl or hf:DIR")
+
+
 @dataclass
 class PrepareConfig(Config):
     inputs: tuple[str, ...] = doc((), "raw text files, directories or globs (.txt, .jsonl, .parquet, optionally .gz)")
@@ -151,6 +173,7 @@ class PrepareConfig(Config):
     reader: ReaderConfig = doc(ReaderConfig, "how raw text is read")
     tokenizer: TokenizerConfig = doc(TokenizerConfig, "the SentencePiece tokenizer")
     label: LabelConfig = doc(LabelConfig, "the spaCy fact proxy")
+    judge: JudgeConfig = doc(JudgeConfig, "the judge labels (flag bit 1), set after the spaCy labels")
 
     def check(self) -> None:
         self._positive("workers", "shard_docs")

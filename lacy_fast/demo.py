@@ -136,7 +136,8 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     import torch
 
     from lacy_fast.cascade.big import load_big
-    from lacy_fast.config import CascadeConfig, EvalConfig, PrepareConfig, RunConfig, TokenizerConfig, load_config
+    from lacy_fast.config import (CascadeConfig, EvalConfig, JudgeConfig, PrepareConfig, RunConfig, TokenizerConfig,
+                                  load_config)
     from lacy_fast.data import synth
     from lacy_fast.data.prepare import prepare
     from lacy_fast.eval.plots import plot_regime, plot_runs, plot_sweep, read_metrics
@@ -161,9 +162,11 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     data = out / "data"
     if not (data / "stats.json").exists():
         prepare(PrepareConfig(inputs=(str(corpus / "corpus.jsonl"),), out=str(data), workers=2, shard_docs=500,
-                              tokenizer=TokenizerConfig(vocab_size=scale.vocab)), progress=not quiet)
+                              tokenizer=TokenizerConfig(vocab_size=scale.vocab),
+                              judge=JudgeConfig(spec=f"oracle:{facts}")), progress=not quiet)
     stats = json.loads((data / "stats.json").read_text())
-    stages.end(f"{human(stats['tokens'])} tokens, {stats['fact_fraction']:.1%} fact tokens")
+    stages.end(f"{human(stats['tokens'])} tokens, {stats['fact_fraction']:.1%} fact tokens, "
+               f"{stats['judge_fraction']:.1%} judge tokens")
 
     common = [f"data.path={data}", f"train.seq_len={scale.seq_len}", f"model.max_seq_len={scale.seq_len}",
               f"train.micro_batch_size={scale.micro_batch}", "train.ckpt_every=0", "train.log_every=10",

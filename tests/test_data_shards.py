@@ -1,4 +1,5 @@
 """Shards: round trip, memmap reading, refusal of other tokenizers, versions and torn files."""
+import re
 import struct
 
 import numpy as np
@@ -163,3 +164,13 @@ def test_a_token_width_that_does_not_fit_the_vocabulary_is_refused(tmp_path):
     _corrupt(path, 32, 70000, np.uint32)  # vocab_size: uint16 ids cannot hold it
     with pytest.raises(UserError, match="truncated or corrupt"):
         S.Shard(path)
+
+
+def test_render_marks_fact_and_judge_runs_that_nest_and_cross():
+    # PIECES: "Born", " in", " War", "saw", " on", " 3", " May", "."
+    flags = np.array([0, 2, 3, 1, 0, 3, 3, 2], dtype=np.uint8)
+    text = S.render(_Pieces(), np.arange(8), flags, marks=S.MARKS)
+    assert text == "Born {{in [[War]]}}[[saw]] on [[{{3 May}}]]{{.}}"
+    plain = "".join(_Pieces.PIECES)
+    assert re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text) == plain
+    assert S.render(_Pieces(), np.arange(8), flags) == "Born in [[Warsaw]] on [[3 May]]."

@@ -3,18 +3,22 @@
     lacy-fast prepare --input corpus/*.jsonl.gz --out data/wiki --vocab-size 32000 --workers 8
     lacy-fast prepare --input more.txt --out data/x --tokenizer data/wiki/tokenizer.model label.subwords=first
     lacy-fast prepare --show data/wiki --docs 5      # decoded documents, fact tokens as [[...]]
+    lacy-fast prepare --input synth/corpus.jsonl --out data/s --judge oracle:synth/facts.jsonl
 
 Steps: resolve the inputs; record the settings in ``OUT/prepare.json``; train the
 SentencePiece tokenizer on a seeded sample of the documents (or copy the given one) to
 ``OUT/tokenizer.model``; stream the documents in shards of ``shard_docs`` to K worker
-processes, each tokenizing + labeling a whole shard and writing it atomically; finally
-write ``OUT/stats.json``. The directory layout and the shard format are in ``shards.py``.
+processes, each tokenizing + labeling a whole shard and writing it atomically; then the
+judge step (``judge.py``: flag bit 1 from ``--judge``, a step of its own); finally write
+``OUT/stats.json``. The directory layout and the shard format are in ``shards.py``.
 
 Resumable: a shard is the unit of work. A rerun with the same settings keeps every shard
 whose file is complete (header valid, same tokenizer, right document count) and redoes
 the others; a rerun with different settings (inputs, tokenizer, labeling rule, shard size)
 is refused, because mixing them in one directory would mix two datasets. ``workers`` and
-``label.batch_size`` may change between runs: they change speed, not content.
+``label.batch_size`` may change between runs: they change speed, not content. Neither
+may the judge: a rerun with another ``--judge`` keeps the spaCy shards and relabels only
+bit 1 (``judge.py`` says how).
 
 A worker that dies (killed, out of memory) stops the run with one sentence instead of a
 hang (``concurrent.futures`` notices the dead process); finished shards are kept. Workers
@@ -34,15 +38,15 @@ import multiprocessing as mp
 import os
 import queue
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from lacy_fast.config import PrepareConfig, load_config
 from lacy_fast.data import shards as shard_io
+from lacy_fast.data.workers import die_with_parent, exit_if_orphaned
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
-from lacy_fast.errors import UserError
+from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import write_bytes, write_json
 from lacy_fast.progress import Progress
 
@@ -59,9 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="FILE", help="use this SentencePiece .model instead of training one")
     parser.add_argument("--workers", type=int, help="worker processes, each tokenizing and labeling (default 1)")
     parser.add_argument("--config", metavar="FILE", help="a TOML file of PrepareConfig keys")
+    parser.add_argument("--judge", metavar="SPEC", help="who sets flag bit 1 (strategy judge): none (default), "
+                        "oracle:FACTS.jsonl or hf:DIR; rerun with another to relabel bit 1 alone")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--show", metavar="DIR", help="print documents of a prepare output with fact tokens marked "
-                        "[[...]] and exit")
+                        "[[...]], judge tokens {{...}}, and exit")
     parser.add_argument("--docs", type=int, default=3, help="documents --show prints (default 3)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="PrepareConfig overrides, e.g. label.subwords=first shard_docs=5000")
@@ -75,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     stats = prepare(cfg, progress=not args.quiet)
     print(f"prepared {stats['documents']} documents, {stats['tokens']} tokens ({stats['fact_fraction']:.1%} facts) "
           f"in {stats['shards']} shards at {cfg.out} in {stats['seconds']:.1f} s")
+    if stats["judge"] != "none":
+        print(f"judge {stats['judge']}: {stats['judge_tokens']} tokens ({stats['judge_fraction']:.1%}) flagged, "
+              f"{stats['judge_tokens_per_core_s'] or 0:,.0f} tokens/s per core (spaCy: "
+              f"{stats['spacy_tokens_per_core_s'] or 0:,.0f})")
     skipped = {k: v for k, v in stats["skipped"].items() if v}
     if skipped:
         print("skipped documents: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
@@ -93,8 +103,14 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         tok = dataclasses.replace(tok, vocab_size=args.vocab_size)
     if args.tokenizer is not None:
         tok = dataclasses.replace(tok, path=args.tokenizer)
+    judge = cfg.judge
+    if args.judge is not None:
+        try:
+            judge = dataclasses.replace(cfg.judge, spec=args.judge)
+        except ConfigError:
+            raise UserError(f"--judge {args.judge} is not a judge; pass none, oracle:FACTS.jsonl or hf:DIR")
     cfg = dataclasses.replace(
-        cfg, tokenizer=tok,
+        cfg, tokenizer=tok, judge=judge,
         inputs=tuple(args.input) if args.input else cfg.inputs,
         out=args.out or cfg.out,
         workers=args.workers if args.workers is not None else cfg.workers,
@@ -117,6 +133,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
 
     start = time.perf_counter()
     files = resolve_inputs(cfg.inputs)
+    if cfg.judge.spec != "none":  # a judge that cannot run is refused before any labeling
+        from lacy_fast.data.judge import describe
+
+        describe(cfg.judge, cfg.label.subwords)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
@@ -176,6 +196,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
         skips.close()
     bar.close()
     _remove_stale(out, len(done_stats))
+    from lacy_fast.data.judge import run_judge
+
+    judged = run_judge(cfg, out, tok, progress=progress)
 
     seconds = time.perf_counter() - start
     from lacy_fast.data.labeling import LabelStats
@@ -183,6 +206,10 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     total = LabelStats()
     for index in sorted(done_stats):
         total.merge(done_stats[index])
+    # spaCy's labeling cost, from the shards that recorded it (labeled by this version).
+    timed = [s for s in done_stats.values() if "label_cpu_seconds" in s]
+    spacy_cpu = sum(s["label_cpu_seconds"] for s in timed)
+    spacy_tokens = sum(s["tokens"] for s in timed)
     stats = {
         **{k: v for k, v in total.to_dict().items() if not k.startswith("fact_tokens_by")},
         "seconds": round(seconds, 3),
@@ -193,6 +220,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
         "resumed_shards": resumed,
         "skipped": dict(skips.counts),
         "skipped_total": skips.total,
+        "spacy_seconds": round(sum(s["label_seconds"] for s in timed), 3),
+        "spacy_cpu_seconds": round(spacy_cpu, 3),
+        "spacy_tokens_per_core_s": round(spacy_tokens / spacy_cpu, 1) if spacy_cpu > 0 else None,
+        "spacy_core_hours_per_billion_tokens": (round(spacy_cpu / 3600 / spacy_tokens * 1e9, 2) if spacy_tokens
+                                                else None),
+        **judged,
         "fact_tokens_by_pos": total.to_dict()["fact_tokens_by_pos"],
         "fact_tokens_by_entity": total.to_dict()["fact_tokens_by_entity"],
         "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "call_id": tok.call_id,
@@ -329,35 +362,9 @@ def _remove_stale(out: Path, n_shards: int) -> None:
 
 _labeler = None
 _events = None
-_parent: int | None = None  # pid of the `prepare` process that started this worker
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when ``parent`` dies (Linux), then make sure it
-    has not died already (between this process's start and the prctl call)."""
-    global _parent
-    _parent = parent
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl in this libc: the parent check below still runs
-            pass
-    _exit_if_orphaned()
-
-
-def _exit_if_orphaned() -> None:
-    if _parent is not None and os.getppid() != _parent:
-        os._exit(1)  # the run is gone: write nothing more
-
-
 def _init_worker(label_cfg, tokenizer_path: str, events: Any, parent: int) -> None:
     global _labeler, _events
-    _die_with_parent(parent)
+    die_with_parent(parent)
     from lacy_fast.data.labeling import single_threaded
 
     single_threaded()  # before spaCy brings in numpy's thread pools
@@ -375,14 +382,18 @@ def _label_shard(index: int, texts: list[str], out: str, sha256: str, vocab_size
     stats = LabelStats()
     docs = []
     step = _labeler.cfg.batch_size
+    cpu = wall = 0.0
     for lo in range(0, len(texts), step):
-        _exit_if_orphaned()
+        exit_if_orphaned()
         before = stats.tokens
+        c0, w0 = time.process_time(), time.perf_counter()
         docs += _labeler.label_batch(texts[lo:lo + step], stats)
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - w0
         _events.put((min(step, len(texts) - lo), stats.tokens - before))
     path = Path(out) / shard_io.shard_name(index)
-    result = stats.to_dict()
-    _exit_if_orphaned()
+    result = {**stats.to_dict(), "label_cpu_seconds": cpu, "label_seconds": wall}
+    exit_if_orphaned()
     # Stats first, shard last: the shard's existence is what marks it done.
     write_json(path.with_suffix(".stats.json"), result)
     shard_io.write_shard(path, docs, sha256, vocab_size)

@@ -43,7 +43,7 @@ every shard is done) and optional per-token sidecars ``shard_NNNNN.<name>.npy`` 
 (n_tokens,) written later by other tools (e.g. a float32 reference-model NLL for Rho-1).
 
 Inspect labels by decoding: ``python -m lacy_fast.data.shards DIR [--docs N]`` prints
-documents with fact tokens marked as ``[[Warsaw]]``.
+documents with fact tokens marked as ``[[Warsaw]]`` and judge tokens as ``{{Warsaw}}``.
 """
 from __future__ import annotations
 
@@ -271,29 +271,45 @@ class ShardSet:
         return self.shards[s].document(i - int(self._doc_start[s]))
 
 
-def render(tokenizer, tokens: np.ndarray, flags: np.ndarray, bit: int = 1) -> str:
-    """Decoded text with runs of flagged tokens wrapped in [[...]] (leading whitespace outside)."""
+MARKS = ((1, "[[", "]]"), (2, "{{", "}}"))  # (flag bit, open, close): spaCy facts, judge labels
+
+
+def render(tokenizer, tokens: np.ndarray, flags: np.ndarray, bit: int = 1,
+           marks: Sequence[tuple[int, str, str]] | None = None) -> str:
+    """Decoded text with runs of flagged tokens wrapped in [[...]] (leading whitespace outside).
+
+    ``marks``: (bit, open, close) per labeling, e.g. ``MARKS`` (facts [[...]], judge {{...}});
+    default: ``bit`` alone as [[...]]. Runs of several labelings nest: where one ends inside
+    another, the inner one is closed and reopened, so the brackets always pair up.
+    """
+    marks = list(marks) if marks is not None else [(bit, "[[", "]]")]
     pieces = tokenizer.decode_pieces(tokens)
     out: list[str] = []
-    inside = False
+    stack: list[int] = []  # indices into marks, outermost first
     for piece, flag in zip(pieces, flags):
-        on = bool(flag & bit)
-        if on and not inside and piece:
+        if not piece:  # a byte piece inside a character: the labels of its first piece hold
+            continue
+        want = [m for m, (b, _, _) in enumerate(marks) if flag & b]
+        keep = 0
+        while keep < len(stack) and stack[keep] in want:
+            keep += 1
+        for m in reversed(stack[keep:]):
+            out.append(marks[m][2])
+        del stack[keep:]
+        opening = [m for m in want if m not in stack]
+        if opening:
             stripped = piece.lstrip()
-            out.append(piece[: len(piece) - len(stripped)] + "[[")
+            out.append(piece[: len(piece) - len(stripped)] + "".join(marks[m][1] for m in opening))
             piece = stripped
-            inside = True
-        elif not on and inside and piece:
-            out.append("]]")
-            inside = False
+            stack += opening
         out.append(piece)
-    if inside:
-        out.append("]]")
+    out += [marks[m][2] for m in reversed(stack)]
     return "".join(out)
 
 
 def show(directory: str | os.PathLike, docs: int = 3, shard: int = 0, stream=None) -> None:
-    """Print a shard set's summary and its first ``docs`` documents of shard ``shard``, facts marked."""
+    """Print a shard set's summary and its first ``docs`` documents of shard ``shard``: fact
+    tokens marked [[...]], judge tokens {{...}}."""
     from lacy_fast.data.tokenizer import Tokenizer
 
     stream = stream or sys.stdout
@@ -302,21 +318,24 @@ def show(directory: str | os.PathLike, docs: int = 3, shard: int = 0, stream=Non
     if not 0 <= shard < len(shards.shards):
         raise UserError(f"there is no shard {shard} in {directory}; it holds shards 0..{len(shards.shards) - 1}")
     facts = sum(int(np.count_nonzero(s.flags & 1)) for s in shards.shards)
+    judged = sum(int(np.count_nonzero(s.flags & 2)) for s in shards.shards)
+    total = max(shards.total_tokens, 1)
     print(f"{directory}: {len(shards.shards)} shards, {shards.n_docs} documents, {shards.total_tokens} tokens, "
-          f"{facts / max(shards.total_tokens, 1):.1%} fact tokens, vocabulary {tok.vocab_size} "
-          f"(<CALL> = {tok.call_id}, EOS = {tok.eos_id}){'' if shards.complete else ', prepare NOT finished'}",
-          file=stream)
+          f"{facts / total:.1%} fact tokens [[...]], {judged / total:.1%} judge tokens {{{{...}}}}, vocabulary "
+          f"{tok.vocab_size} (<CALL> = {tok.call_id}, EOS = {tok.eos_id})"
+          f"{'' if shards.complete else ', prepare NOT finished'}", file=stream)
     s = shards.shards[shard]
     for d in range(min(docs, s.n_docs)):
         tokens, flags = s.document(d)
-        print(f"\n--- {s.path.name} document {d} ({len(tokens)} tokens, {int(np.count_nonzero(flags & 1))} facts)",
-              file=stream)
-        print(render(tok, tokens[:-1], flags[:-1]), file=stream)
+        print(f"\n--- {s.path.name} document {d} ({len(tokens)} tokens, {int(np.count_nonzero(flags & 1))} facts, "
+              f"{int(np.count_nonzero(flags & 2))} judge)", file=stream)
+        print(render(tok, tokens[:-1], flags[:-1], marks=MARKS), file=stream)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lacy_fast.data.shards",
-                                     description="print documents of a prepare output with fact tokens marked [[...]]")
+                                     description="print documents of a prepare output with fact tokens marked [[...]], "
+                                     "judge tokens {{...}}")
     parser.add_argument("dir", help="a `lacy-fast prepare` output directory")
     parser.add_argument("--docs", type=int, default=3, help="documents to print")
     parser.add_argument("--shard", type=int, default=0, help="which shard to print them from")
