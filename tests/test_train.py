@@ -313,6 +313,13 @@ def test_rho_trains_against_a_reference_model(data, tmp_path):
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr
 
 
+def test_judge_without_judge_labels_is_refused(data, tmp_path):
+    """The fixture's data was prepared without --judge: a judge run would train a plain LM."""
+    proc = train(tmp_path / "judge", data, "train.max_steps=1", "objective.strategy=judge", check=False)
+    assert proc.returncode == 2 and "has no judge labels" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "judge" / "checkpoints").exists()
+
+
 def test_profiler_window_writes_a_trace(data, tmp_path):
     out = tmp_path / "run"
     train(out, data, "train.max_steps=4", "train.profile_start=1", "train.profile_steps=2")

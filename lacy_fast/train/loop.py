@@ -219,6 +219,21 @@ def resolve_call_rate(cfg: RunConfig) -> tuple[float | None, str]:
     return rate, f"objective.call_fraction {o.call_fraction} x fact fraction {fact_fraction:.4f} of {stats_path}"
 
 
+def check_judge_labels(cfg: RunConfig) -> None:
+    """strategy=judge relabels the targets a judge flagged; on data without judge labels it
+    would silently train a plain LM, so that is refused."""
+    if cfg.objective.strategy != "judge" or cfg.data.source != "shards" or not cfg.data.path:
+        return
+    stats_path = Path(cfg.data.path) / "stats.json"
+    try:
+        judged = json.loads(stats_path.read_text()).get("judge_tokens", 0) if stats_path.is_file() else None
+    except json.JSONDecodeError:
+        judged = None
+    if judged == 0:
+        raise UserError(f"objective.strategy=judge but {cfg.data.path} has no judge labels; add them with "
+                        "`lacy-fast prepare ... --judge oracle:FACTS` (or hf:DIR), or choose another strategy")
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices (linear weights, embeddings), not on biases and LayerNorms."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -383,6 +398,7 @@ class Trainer:
         self.precision = _precision(cfg, d.device)
 
         # Data, tokenizer, and the objective as this data resolves it.
+        check_judge_labels(cfg)
         self.source = _data_source(cfg, d)
         self.tokenizer = tok = self.source.tokenizer
         self.rule: Targets = self.source.targets
