@@ -183,9 +183,9 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     ref_dir = out / "runs" / "reference"
     stages.begin(f"train the reference, a bigger model on the same data ({scale.ref} preset, plain LM, "
                  f"{human(scale.ref_epochs * stats['tokens'])} tokens)")
-    train(load_config(RunConfig, "tiny", common + budget(scale.ref_epochs) + [
+    _finished(train(load_config(RunConfig, "tiny", common + budget(scale.ref_epochs) + [
         f"out_dir={ref_dir}", f"model.preset={scale.ref}", "objective.strategy=none", f"train.lr={scale.ref_lr}"]),
-        progress=not quiet)
+        progress=not quiet), ref_dir)
     stages.end()
 
     runs: dict[tuple[str, int], Path] = {}
@@ -196,9 +196,9 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
             stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} preset, "
                          f"{human(scale.slm_epochs * stats['tokens'])} ground-truth tokens)")
             extra = [f"objective.ref_checkpoint={ref_dir / 'export'}"] if name == "rho" else []
-            train(load_config(RunConfig, "tiny", common + budget(scale.slm_epochs) + RUNS[name] + extra + [
+            _finished(train(load_config(RunConfig, "tiny", common + budget(scale.slm_epochs) + RUNS[name] + extra + [
                 f"out_dir={run}", f"model.preset={scale.slm}", f"train.lr={scale.slm_lr}",
-                f"train.seed={1337 + seed}", f"data.seed={1234 + seed}"]), progress=not quiet)
+                f"train.seed={1337 + seed}", f"data.seed={1234 + seed}"]), progress=not quiet), run)
             stages.end()
 
     stages.begin(f"evaluate {len(runs)} SLMs alone and in cascade on {scale.eval_people} people, the reference, "
@@ -237,6 +237,14 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
         print(f"\nwrote {out}/results.json, report.md, curves.png, sweep.png, regime.png in "
               f"{duration(time.perf_counter() - stages.start)}", file=sys.stderr)
     return rows
+
+
+def _finished(summary: dict[str, Any], run: Path) -> None:
+    """A run stopped by a signal (it saved a checkpoint) stops the demo too: evaluating a
+    half-trained model would compare it at another budget than the others."""
+    if summary.get("stopped_by"):
+        raise UserError(f"the demo was stopped by {summary['stopped_by']} while training {run}; rerun the same "
+                        "command to resume where it stopped")
 
 
 # ----------------------------------------------------------------------------------------

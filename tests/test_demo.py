@@ -71,6 +71,17 @@ def test_rerun_reuses_and_fresh_rerun_reproduces(demo, tmp_path):
     assert fresh == first
 
 
+def test_a_signal_during_training_stops_the_demo(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM/SIGINT saved a checkpoint; the demo must not evaluate it as if trained."""
+    import lacy_fast.train.loop as loop
+    from lacy_fast.errors import UserError
+
+    monkeypatch.setattr(loop, "train", lambda cfg, progress=True: {"step": 3, "stopped_by": "SIGINT"})
+    with pytest.raises(UserError, match="stopped by SIGINT while training .*reference; rerun the same command"):
+        run_demo(tmp_path / "out", SMOKE, quiet=True)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 @pytest.mark.parametrize("args, words", [
     (["--strategies", "magic"], "--strategies has magic"),
     (["--people", "5"], "at least 20"),
