@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lacy_fast.config import ObjectiveConfig
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json, write_text
 from lacy_fast.progress import duration, human
@@ -66,6 +67,7 @@ RUNS: dict[str, list[str]] = {
 }
 STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge")
 CALL_BUDGET = 0.22  # share of decoding steps that call in the main cascade row (the paper's deployment)
+CALL_FRACTION = ObjectiveConfig().call_fraction  # the share of fact targets LaCy relabels (the paper's 0.6)
 MODES = ("slm", "cascade", "cascade-argmax")
 
 
@@ -354,8 +356,11 @@ def _regime_stats(corpus: Path, data: Path, stats: dict[str, Any]) -> dict[str, 
         free += sum(in_free)
         flagged_free += sum(f and i for f, i in zip(fact, in_free))
     frequent = [p for p in people if p["bucket"] == "frequent"]
+    statements = sum(p["documents"] * len(p["facts"]) for p in people)  # every biography states all its facts
+    rare_statements = sum(p["documents"] * len(p["facts"]) for p in people if p["bucket"] == "rare")
     return {
         "people": len(people), "frequent": len(frequent),
+        "rare_fact_share": rare_statements / statements if statements else 0.0,
         "documents": sum(p["documents"] for p in people),
         "frequent_documents": sum(p["documents"] for p in frequent),
         "free_token_share": free / tokens if tokens else 0.0,
@@ -423,6 +428,10 @@ def _regime_lines(by: dict[tuple[str, str], dict[str, Any]], regime: dict[str, A
         out.append(f"- Facts an SLM can learn and facts it cannot: the plain LM alone scores {_fs(plain, 'factscore_frequent')} "
                    f"on frequent people and {_fs(plain, 'factscore_rare')} on rare ones. "
                    + _holds(plain.get("factscore_frequent"), plain.get("factscore_rare")))
+    out.append(f"- Facts about rare people are {regime['rare_fact_share']:.0%} of the fact statements of the corpus; "
+               f"LaCy relabels the highest-loss {CALL_FRACTION:.0%} of the fact tokens, so "
+               + ("they can all be rare people's facts." if regime["rare_fact_share"] >= CALL_FRACTION else
+                  "it must also relabel facts of frequent people, which it then does not learn."))
     big = by.get(("big", "alone"))
     if big is not None:
         out.append(f"- The reference (a bigger model on the same data) alone: {_fs(big, 'factscore_frequent')} on "
