@@ -31,10 +31,10 @@ import torch
 
 from lacy_fast.cascade.slm import (ExportedModel, context_text, encode_continuation, left_pad,
                                    load_model, resolve_export, unfinished_bytes)
+from lacy_fast.data.facts import FactTable, Person
 from lacy_fast.data.synth import CUES
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
-from lacy_fast.eval.facts import FactTable, Person
 from lacy_fast.model.io import export_meta
 
 
