@@ -231,3 +231,26 @@ def test_small_tokenizer_of_the_other_tests_converts_too(tmp_path):
     hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     for text in PLAIN:
         assert hf(text)["input_ids"] == context_ids(tok, text)
+
+
+def test_a_tokenizer_without_dummy_prefix_converts_exactly(tmp_path):
+    """A SentencePiece model brought by the user (``tokenizer.path``) may not prepend a space."""
+    import io
+
+    import sentencepiece as spm
+
+    texts = [ts[0] for _, ts, _ in generate(300, seed=0, heldout=0.0)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, add_dummy_prefix=False, unk_id=0, eos_id=1,
+                                   bos_id=-1, pad_id=-1, control_symbols=["<CALL>"], minloglevel=2)
+    (tmp_path / "t.model").write_bytes(model.getvalue())
+    tok = Tokenizer.load(tmp_path / "t.model")
+    assert not tok.sp.encode("x", out_type=str)[0].startswith("\u2581")  # no dummy prefix
+    path = export(tmp_path / "e", tiny_gpt(tok), tok)
+    hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    for text in PLAIN:
+        ids = hf(text)["input_ids"]
+        assert ids == context_ids(tok, text), text
+        assert hf.decode(ids[1:]) == text

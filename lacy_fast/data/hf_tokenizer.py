@@ -1,6 +1,6 @@
 """The SentencePiece tokenizer as a Hugging Face fast tokenizer (``tokenizer.json``).
 
-    files = hf_tokenizer_files("data/tokenizer.model", max_len=1024)  # name -> text
+    files = hf_tokenizer_files("data/tokenizer.model", "<CALL>", max_len=1024)  # name -> text
     # tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 ``AutoTokenizer.from_pretrained(DIR)`` then loads a ``PreTrainedTokenizerFast`` that gives
@@ -41,6 +41,7 @@ its space marker), decodes as SentencePiece decodes it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -54,10 +55,12 @@ def _convert(path: str, sha256: str) -> tuple[str, str, str]:  # sha256: the cac
         from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
         from tokenizers.models import BPE, Unigram
         from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+        extractor = SentencePieceExtractor(path)
     except ImportError as err:
-        raise UserError(f"writing the Hugging Face tokenizer needs transformers and protobuf ({err}); "
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"writing the Hugging Face tokenizer needs transformers and protobuf ({first}); "
                         "pip install 'transformers>=5.23' protobuf")
-    extractor = SentencePieceExtractor(path)
     proto = extractor.proto
     kind = BPE if proto.trainer_spec.model_type == 2 else Unigram
     kwargs = extractor.extract(kind)
@@ -66,12 +69,13 @@ def _convert(path: str, sha256: str) -> tuple[str, str, str]:  # sha256: the cac
         raise UserError(f"tokenizer {path} is neither a BPE nor a unigram SentencePiece model; it cannot be converted")
     specials = [t.content for t in kwargs["additional_special_tokens"] if t.special]  # control symbols
     tok.add_special_tokens([AddedToken(s, normalized=True, special=True) for s in specials])
+    prefix = proto.normalizer_spec.add_dummy_prefix  # lacy-fast trains with it; a model given by the user may not
     not_special = "".join(f"(?!{re.escape(s)})" for s in specials)
-    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\A" + not_special), "▁"),
-                                           normalizers.Replace(" ", "▁")])
+    tok.normalizer = normalizers.Sequence(([normalizers.Replace(Regex(r"\A" + not_special), "▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     eos = proto.trainer_spec.eos_piece
     eos_id = tok.token_to_id(eos)
     tok.post_processor = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A {eos} $B:1",
@@ -79,13 +83,14 @@ def _convert(path: str, sha256: str) -> tuple[str, str, str]:  # sha256: the cac
     return tok.to_str(), eos, proto.trainer_spec.unk_piece
 
 
-def hf_tokenizer_files(model_path: str | Path, sha256: str, call_piece: str, max_len: int) -> dict[str, str]:
+def hf_tokenizer_files(model_path: str | Path, call_piece: str, max_len: int) -> dict[str, str]:
     """The files of a Hugging Face fast tokenizer for the SentencePiece model at ``model_path``.
 
-    ``sha256``: its digest (``Tokenizer.sha256``: a run converts once however often it
-    exports); ``call_piece``: the <CALL> piece; ``max_len``: the model's context length.
+    ``call_piece``: the <CALL> piece; ``max_len``: the model's context length. A training run
+    converts once however often it exports (cached on the file's digest).
     """
-    tokenizer_json, eos, unk = _convert(str(model_path), sha256)
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    tokenizer_json, eos, unk = _convert(str(model_path), digest)
     special = {"bos_token": eos, "eos_token": eos, "unk_token": unk, "additional_special_tokens": [call_piece]}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

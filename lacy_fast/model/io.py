@@ -83,7 +83,7 @@ def save_export(
                             "tokenizer.model the model was trained with")
         eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         call_piece = sp.id_to_piece(call_id) if call_id is not None else "<CALL>"
-        tokenizer_files = hf_tokenizer_files(tokenizer_path, tokenizer_sha256 or "", call_piece, model.cfg.max_seq_len)
+        tokenizer_files = hf_tokenizer_files(tokenizer_path, call_piece, model.cfg.max_seq_len)
     dtype = state["wte.weight"].dtype
     config = {**gpt2_config(model.cfg, model.padded_vocab_size, eos_id=eos_id, dtype=dtype), "lacy_fast": meta}
     suppress = ([call_id] if call_id is not None else []) + list(range(model.vocab_size, model.padded_vocab_size))
