@@ -51,16 +51,16 @@ class RuleJudge:
 
     def __init__(self, nlp: Any):
         self.nlp = nlp
-        self.docs: dict[tuple[str, int], Any] = {}  # (title, passage index) -> parsed passage
+        self.evidence: dict[tuple[str, int], Evidence] = {}  # (title, passage index) -> its parsed sentences
 
-    def _docs(self, passages: list[Passage]) -> list[Any]:
-        new = [p for p in dict.fromkeys(passages) if (p.title, p.index) not in self.docs]
+    def _evidence(self, passages: list[Passage]) -> list[Evidence]:
+        new = [p for p in dict.fromkeys(passages) if (p.title, p.index) not in self.evidence]
         for p, doc in zip(new, self.nlp.pipe([p.text for p in new])):
-            self.docs[(p.title, p.index)] = doc
-        return [self.docs[(p.title, p.index)] for p in passages]
+            self.evidence[(p.title, p.index)] = Evidence([doc])
+        return [self.evidence[(p.title, p.index)] for p in passages]
 
     def judge(self, title: str, claims: list[Claim], passages: list[list[Passage]]) -> list[bool]:
-        return [Evidence(self._docs(ps)).supports(c) for c, ps in zip(claims, passages)]
+        return [any(e.supports(c) for e in self._evidence(ps)) for c, ps in zip(claims, passages)]
 
 
 class HFJudge:
