@@ -73,11 +73,16 @@ def test_claims_skip_the_subject_under_any_name_and_keep_other_people(nlp):
 
 
 def test_relation_tells_a_birthplace_from_a_residence(nlp):
-    evidence = Evidence([nlp(ANNA)])
+    evidence = Evidence([nlp(ANNA)], "Anna Tolk")
     [born] = [c for c in extract_claims(nlp("She was born in Gravholm."), "Anna Tolk") if c.kind == "name"]
     [lives] = [c for c in extract_claims(nlp("She lives in Gravholm."), "Anna Tolk") if c.kind == "name"]
     assert born.relation == {"bear"} and lives.relation == {"live"}
-    assert not evidence.supports(born) and evidence.supports(lives)
+    assert not evidence.supports(born) and evidence.supports(lives)  # the article has her born in Tolmere
+    # Another verb for the same fact: supported, since the article gives no other employer.
+    [employer] = [c for c in extract_claims(nlp("Orn Systems employed her."), "Anna Tolk") if c.kind == "name"]
+    assert employer.relation == {"employ"} and evidence.supports(employer)
+    [moved] = [c for c in extract_claims(nlp("She was born in Strin."), "Anna Tolk") if c.kind == "name"]
+    assert not evidence.supports(moved)  # not in the article at all
 
 
 def test_normalised_matches(source):

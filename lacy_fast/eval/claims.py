@@ -2,7 +2,7 @@
 
     nlp = load_spacy(full=True)
     claims = extract_claims(nlp(generation), subject="Ada Lovelace")
-    evidence = Evidence([nlp(p.text) for p in passages])
+    evidence = Evidence([nlp(p.text) for p in passages], subject="Ada Lovelace")
     evidence.supports(claims[0])   # True / False
 
 An atomic fact here is a *checkable claim*: a name, a date or a number that a sentence of
@@ -19,7 +19,8 @@ per sentence of the generation:
   pronoun: "one of the first");
 - names: the entity types PERSON, NORP, FAC, ORG, GPE, LOC, PRODUCT, EVENT, WORK_OF_ART,
   LAW, LANGUAGE, and runs of proper nouns (POS PROPN) outside any entity (invented or rare
-  names the recogniser misses), outside dates;
+  names the recogniser misses), outside dates, with a capital letter (a lower-case run is a
+  common noun the tagger took for a name: "the parish register");
 - the subject is no claim: a name whose words are all words of the title (the full name, a
   surname or first name alone, "Tolk's") is the subject being named; a parenthesised part
   of the title ("Anna Tolk (biologist)") is not part of the name.
@@ -32,18 +33,21 @@ Normalisation, on both sides: Unicode NFKD with accents dropped, case folded, pu
 ignored, "the" and a possessive "'s" dropped, single letters (initials) dropped from names;
 numbers and dates compared as values, whatever their format.
 
-Support: a claim is supported when a sentence of the evidence (the subject's retrieved
-passages) states the same value with a compatible relation:
-- a name: its words occur contiguously in the sentence's words (so "Vell" is found in
+Support: a claim is supported when the evidence (the subject's retrieved passages) states
+its value, after normalisation:
+- a name: its words occur contiguously in a sentence's words (so "Vell" is found in
   "Boris Vell", and "Boris A. Vell" in "Boris Vell");
 - a date: a date of the sentence agrees on every part the claim gives (a claimed "1950" is
   supported by "12 March 1950"; a claimed "12 March 1950" is not supported by "1950" alone);
   a decade by any year in it;
 - a number: a number of the sentence with the same value (a year counts as a number);
-- relations are compatible when either is empty (no content verb, e.g. "Tolmere is her
-  birthplace", a list) or they share a lemma. That is what tells a birthplace from a place
-  of residence both named in the article: "born in Gravholm" is not supported by "lives in
-  Gravholm".
+and the relations agree: either a sentence states the value under a compatible relation
+(either relation empty, or a shared lemma), or the value is stated and no passage gives the
+claim's relation *another* value of the claim's kind (a conflict). That tells a birthplace
+from a place of residence both named in the article: "born in Gravholm" is not supported by
+an article saying "born in Tolmere ... lives in Gravholm", while a paraphrase with another
+verb ("Helm Industries employed him" for "he worked for Helm Industries") is supported, as
+long as the article does not say who employed him otherwise.
 """
 from __future__ import annotations
 
@@ -261,7 +265,7 @@ def extract_claims(doc: Any, subject: str) -> list[Claim]:
                 continue
             if run:
                 words = _drop_initials([w for w, _ in name_words(run)])
-                if words and not set(words) <= me:
+                if words and not set(words) <= me and any(t.text[:1].isupper() for t in run):
                     add("name", tuple(words), doc[run[0].i:run[-1].i + 1], sent)
                 run = []
             if tok is not None and tok.i not in covered and tok.pos_ == "NUM":
@@ -282,9 +286,11 @@ class _Sentence:
 class Evidence:
     """Parsed passages of the subject's article, indexed for ``supports``."""
 
-    def __init__(self, docs: Iterable[Any]):
+    def __init__(self, docs: Iterable[Any], subject: str):
         self.sentences: list[_Sentence] = []
+        self.claims: list[Claim] = []  # what the passages themselves claim, for conflicts
         for doc in docs:
+            self.claims += extract_claims(doc, subject)
             for sent in doc.sents:
                 base = sent.start_char
                 pairs = [(w, i) for w, i in name_words(sent) if len(w) > 1]
@@ -300,20 +306,54 @@ class Evidence:
                         numbers.append((value, relation(span)))
                 self.sentences.append(_Sentence([w for w, _ in pairs], [i for _, i in pairs], dates, numbers, doc))
 
-    def supports(self, claim: Claim) -> bool:
+    def mentions(self, claim: Claim) -> tuple[bool, bool]:
+        """(a sentence states the claim's value under a compatible relation, one states the value at all)."""
+        found = False
         for s in self.sentences:
             if claim.kind == "date":
-                if any(claim.value.within(d) and compatible(claim.relation, r) for d, r in s.dates):
-                    return True
+                relations = [r for d, r in s.dates if claim.value.within(d)]
             elif claim.kind == "number":
-                if any(abs(v - claim.value) <= 1e-9 * max(1.0, abs(v)) and compatible(claim.relation, r)
-                       for v, r in s.numbers):
-                    return True
+                relations = [r for v, r in s.numbers if same_number(v, claim.value)]
             else:
                 n = len(claim.value)
-                for i in range(len(s.words) - n + 1):
-                    if tuple(s.words[i:i + n]) == claim.value:
-                        span = s.doc[s.word_tokens[i]:s.word_tokens[i + n - 1] + 1]
-                        if compatible(claim.relation, relation(span)):
-                            return True
-        return False
+                relations = [relation(s.doc[s.word_tokens[i]:s.word_tokens[i + n - 1] + 1])
+                             for i in range(len(s.words) - n + 1) if tuple(s.words[i:i + n]) == claim.value]
+            if any(compatible(claim.relation, r) for r in relations):
+                return True, True
+            found = found or bool(relations)
+        return False, found
+
+    def conflicts(self, claim: Claim) -> bool:
+        """The passages give the claim's relation another value of its kind ("born in Tolmere"
+        against a claimed "born in Gravholm")."""
+        return any(c.kind == claim.kind and c.relation & claim.relation and not same_value(c, claim)
+                   for c in self.claims)
+
+    def supports(self, claim: Claim) -> bool:
+        return judge_claim(claim, [self])
+
+
+def same_number(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a))
+
+
+def same_value(a: Claim, b: Claim) -> bool:
+    """Values that one of the two states in full or in part (a year of a date, a surname of a name)."""
+    if a.kind == "date":
+        return a.value.within(b.value) or b.value.within(a.value)
+    if a.kind == "number":
+        return same_number(a.value, b.value)
+    short, long = sorted((a.value, b.value), key=len)
+    return any(long[i:i + len(short)] == short for i in range(len(long) - len(short) + 1))
+
+
+def judge_claim(claim: Claim, evidence: list[Evidence]) -> bool:
+    """Supported: a passage states the value under a compatible relation, or states the value
+    and no passage gives the claim's relation another value."""
+    stated = False
+    for e in evidence:
+        compatible_here, here = e.mentions(claim)
+        if compatible_here:
+            return True
+        stated = stated or here
+    return stated and not any(e.conflicts(claim) for e in evidence)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from lacy_fast.errors import UserError
-from lacy_fast.eval.claims import Claim, Evidence
+from lacy_fast.eval.claims import Claim, Evidence, judge_claim
 from lacy_fast.eval.knowledge import Passage
 
 
@@ -56,11 +56,11 @@ class RuleJudge:
     def _evidence(self, passages: list[Passage]) -> list[Evidence]:
         new = [p for p in dict.fromkeys(passages) if (p.title, p.index) not in self.evidence]
         for p, doc in zip(new, self.nlp.pipe([p.text for p in new])):
-            self.evidence[(p.title, p.index)] = Evidence([doc])
+            self.evidence[(p.title, p.index)] = Evidence([doc], p.title)
         return [self.evidence[(p.title, p.index)] for p in passages]
 
     def judge(self, title: str, claims: list[Claim], passages: list[list[Passage]]) -> list[bool]:
-        return [any(e.supports(c) for e in self._evidence(ps)) for c, ps in zip(claims, passages)]
+        return [judge_claim(c, self._evidence(ps)) for c, ps in zip(claims, passages)]
 
 
 class HFJudge:
