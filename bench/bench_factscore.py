@@ -19,6 +19,7 @@ generations whose year is judged unsupported.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -51,12 +52,9 @@ def main() -> None:
         synth.write(tmp, 2000, seed=0, heldout=0.5)
         table = FactTable.read(Path(tmp) / "facts.jsonl")
         held = read_heldout(Path(tmp) / "heldout.jsonl", table)[: args.people]
-        corpus = [line for line in (Path(tmp) / "corpus.jsonl").read_text().splitlines()]
-    import json
-
-    articles = {}
-    for person, line in zip(table.people, corpus):
-        articles[person.name] = json.loads(line)["text"]
+        corpus = (Path(tmp) / "corpus.jsonl").read_text().splitlines()
+    # corpus line i is person i's biography (rendering 0)
+    articles = {person.name: json.loads(line)["text"] for person, line in zip(table.people, corpus)}
     rng = random.Random(0)
     cases: dict[str, list[tuple[str, str]]] = {"paraphrase": [], "changed year": [], "other person": []}
     for h in held:
