@@ -79,16 +79,22 @@ setup(
         "pyarrow>=14",
         "safetensors>=0.4",
         "matplotlib>=3.7",
+        # Exports are Hugging Face model directories: transformers' SentencePiece conversion
+        # writes their tokenizer.json (it reads the .model file with protobuf).
+        "transformers>=5.23,<6",
+        "protobuf>=4",
+        # BM25 retrieval of the knowledge source's passages (`lacy-fast factscore`).
+        "bm25s>=0.3.16,<0.4",
     ],
     extras_require={
         # flash-attn has no CPU build: the model falls back to PyTorch SDPA without it.
         "gpu": ["flash-attn>=2.6"],
         # Other fused LM-head losses the kernel benchmark compares against.
         "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
-        # `--big` as a Hugging Face causal LM in a local directory.
-        "hf": ["transformers>=4.45"],
+        # kept for `pip install lacy-fast[hf]` commands that name it; transformers is required now
+        "hf": [],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8", "transformers>=4.45"],
+        "dev": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["lacy-fast = lacy_fast.cli:main"]},
 )

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lacy_fast.train.loop", "train a model with the LaCy objective (DeepSpeed)"),
     "generate": ("lacy_fast.cascade.generate", "cascade generation: the SLM calls a bigger model"),
     "eval": ("lacy_fast.eval.run", "FactScore, fact leakage, call precision/recall and perplexity"),
+    "factscore": ("lacy_fast.eval.factscore_cli", "FactScore of generations against a knowledge source"),
     "plot": ("lacy_fast.eval.plots", "draw loss and call-rate curves of a training run to PNG"),
     "demo": ("lacy_fast.demo", "the whole pipeline on the built-in corpus, ending in a comparison table"),
 }

@@ -10,6 +10,7 @@ from lacy_fast.config import ModelConfig
 from lacy_fast.errors import UserError
 from lacy_fast.model import GPT, padded_vocab_size
 from lacy_fast.model.io import load_export, save_export
+from test_data_tokenizer import train_small
 
 
 def tiny(vocab=211, **kw) -> GPT:
@@ -107,13 +108,18 @@ def test_preset_sizes_match_the_paper(preset, vocab, low, high):
 
 def test_export_round_trip(tmp_path):
     model = tiny()
-    tok = tmp_path / "sp.model"
-    tok.write_bytes(b"fake tokenizer bytes")
+    tok = train_small(tmp_path, seed=0).path
     out = save_export(tmp_path / "export", model, tokenizer_path=tok, tokenizer_sha256="ab", call_id=3,
                       train_config={"train": {"lr": 1.0}}, extra={"step": 7})
     loaded, meta = load_export(out)
     assert meta["call_id"] == 3 and meta["step"] == 7 and meta["tokenizer_sha256"] == "ab"
-    assert (out / "tokenizer.model").read_bytes() == b"fake tokenizer bytes"
+    assert (out / "tokenizer.model").read_bytes() == tok.read_bytes()
+    assert json.loads((out / "train_config.json").read_text()) == {"train": {"lr": 1.0}}
+    fake = tmp_path / "fake.model"
+    fake.write_bytes(b"fake tokenizer bytes")
+    with pytest.raises(UserError, match="is not a SentencePiece model"):
+        save_export(tmp_path / "export2", model, tokenizer_path=fake)
+    assert not (tmp_path / "export2").exists()
     idx = torch.randint(0, 211, (1, 9))
     torch.testing.assert_close(loaded(idx), model.eval()(idx))
 
@@ -125,13 +131,14 @@ def test_damaged_or_foreign_exports_are_refused(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_export(tmp_path / "empty")
     out = save_export(tmp_path / "export", tiny())
-    meta = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    meta = config["lacy_fast"]
     meta["model"]["d_model"] = 64
-    (out / "config.json").write_text(json.dumps(meta))
+    (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="does not match its config.json"):
         load_export(out)
     meta["version"] = 99
-    (out / "config.json").write_text(json.dumps(meta))
+    (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="version 99"):
         load_export(out)
 

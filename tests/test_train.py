@@ -305,9 +305,9 @@ def test_rho_trains_against_a_reference_model(data, tmp_path):
     import shutil
 
     shutil.copytree(tmp_path / "ref" / "export", other)
-    meta = json.loads((other / "config.json").read_text())
-    meta["tokenizer_sha256"] = "0" * 64
-    (other / "config.json").write_text(json.dumps(meta))
+    config = json.loads((other / "config.json").read_text())
+    config["lacy_fast"]["tokenizer_sha256"] = "0" * 64  # lacy-fast's fields of the export's config.json
+    (other / "config.json").write_text(json.dumps(config))
     proc = train(tmp_path / "rho2", data, "train.max_steps=1", "objective.strategy=rho",
                  f"objective.ref_checkpoint={other}", check=False)
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr

@@ -31,10 +31,11 @@ import torch
 
 from lacy_fast.cascade.slm import (ExportedModel, context_text, encode_continuation, left_pad,
                                    load_model, resolve_export, unfinished_bytes)
+from lacy_fast.data.facts import FactTable, Person
 from lacy_fast.data.synth import CUES
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
-from lacy_fast.eval.facts import FactTable, Person
+from lacy_fast.model.io import export_meta
 
 
 class BigModel(Protocol):
@@ -344,7 +345,7 @@ def load_big(spec: str | None, device: torch.device | str = "cpu", max_word_toke
         meta = json.loads(config.read_text()) if config.is_file() else {}
     except json.JSONDecodeError:
         raise UserError(f"--big {spec}: {config} is not valid JSON; {hint}")
-    if meta.get("format") == "lacy-fast-export":
+    if export_meta(meta) is not None:  # a lacy-fast export is a Hugging Face directory too: same tokenizer first
         return LacyBig(load_model(export, device))
     if "model_type" in meta or "architectures" in meta:
         return HFBig.load(path, device, max_word_tokens)

@@ -116,7 +116,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def _fact_table(path: str):
     """The fact table of ``lacy-fast synth`` (the one import of eval/ here: re-point it if it moves)."""
-    from lacy_fast.eval.facts import FactTable
+    from lacy_fast.data.facts import FactTable
 
     return FactTable.read(path)
 

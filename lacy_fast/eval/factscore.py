@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lacy_fast.data.synth import ATTRIBUTES
-from lacy_fast.eval.facts import FactTable, Person
+from lacy_fast.data.facts import FactTable, Person
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def factscore(table: FactTable, people: list[Person], texts: list[str]) -> dict[
     supported = sum(f.supported for s in scored for f in s)
     with_facts = [s for s in scored if s]
     by_attribute = {}
-    for attr in ATTRIBUTES:
+    for attr in table.attributes:
         facts = [f for s in scored for f in s if f.attribute == attr]
         ok = sum(f.supported for f in facts)
         by_attribute[attr] = {"stated": len(facts), "supported": ok, "precision": ok / len(facts) if facts else None}

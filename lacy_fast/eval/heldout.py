@@ -47,7 +47,7 @@ import torch
 
 from lacy_fast.cascade.rules import CallRule, call_scores
 from lacy_fast.cascade.slm import ExportedModel
-from lacy_fast.eval.facts import HeldOut, value_spans
+from lacy_fast.data.facts import HeldOut, value_spans
 from lacy_fast.progress import Progress
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from lacy_fast.data.synth import ATTRIBUTES
 from lacy_fast.eval.heldout import TextScores
 
 
@@ -37,7 +36,7 @@ def leaks(scores: TextScores) -> list[tuple[str, bool]]:
 def leakage(scores: list[TextScores]) -> dict[str, Any]:
     results = [r for s in scores for r in leaks(s)]
     by_attribute = {}
-    for attr in ATTRIBUTES:
+    for attr in dict.fromkeys(a for a, _ in results):  # the attributes located, in order of appearance
         hits = [leaked for a, leaked in results if a == attr]
         by_attribute[attr] = sum(hits) / len(hits) if hits else None
     return {

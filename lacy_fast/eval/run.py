@@ -2,6 +2,9 @@
 
     lacy-fast eval --slm runs/lacy --big oracle:synth/facts.jsonl --facts synth/facts.jsonl
     lacy-fast eval --slm runs/lacy --big runs/big --facts synth/facts.jsonl --sweep --out eval/lacy
+    lacy-fast eval --slm runs/lacy --big runs/big --knowledge wiki_bios.jsonl --out eval/lacy   # real text
+
+``--knowledge`` scores biographies of a knowledge source's titles instead (``knowledge_eval.py``).
 
 Python (the demo evaluates several SLMs against one big model loaded once)::
 
@@ -51,9 +54,9 @@ from lacy_fast.cascade.generate import add_cascade_arguments, cascade_config
 from lacy_fast.cascade.rules import make_rule, resolve_score
 from lacy_fast.cascade.slm import ExportedModel, load_model, resolve_device
 from lacy_fast.config import CascadeConfig, EvalConfig
+from lacy_fast.data.facts import FactTable, HeldOut, Person, read_heldout
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.eval.factscore import factscore, prompt_for, score_generation
-from lacy_fast.eval.facts import FactTable, HeldOut, Person, read_heldout
 from lacy_fast.eval.heldout import call_stats, perplexity, score_texts
 from lacy_fast.eval.leakage import leakage
 from lacy_fast.eval.plots import plot_sweep
@@ -192,7 +195,12 @@ def _data(facts_path: str | Path, heldout_path: str | Path | None, people: int) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvalConfig()
-    parser.add_argument("--facts", required=True, type=Path, help="facts.jsonl of `lacy-fast synth` (the ground truth)")
+    parser.add_argument("--facts", type=Path, help="facts.jsonl of `lacy-fast synth` (the ground truth)")
+    parser.add_argument("--knowledge", type=Path,
+                        help='instead of --facts: a knowledge source, JSONL of {"title", "text"} articles; biographies '
+                             "of its first --people titles are generated alone and in cascade and scored against it")
+    parser.add_argument("--judge", default="rules", help="with --knowledge: rules (no model) or hf:DIR (a local "
+                        "Hugging Face causal LM judges each fact)")
     parser.add_argument("--heldout", type=Path, help="held-out texts (default: heldout.jsonl beside --facts)")
     parser.add_argument("--people", type=int, default=d.people, help=f"held-out people evaluated (default {d.people})")
     add_cascade_arguments(parser, d.cascade)
@@ -205,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.facts is None) == (args.knowledge is None):
+        raise UserError("pass one of --facts (the synthetic fact table) and --knowledge (a knowledge source of articles)")
     cascade = cascade_config(args)
     try:
         budgets = tuple(float(b) for b in args.sweep.split(",") if b.strip()) if args.sweep is not None else ()
@@ -217,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; pass a directory")
     device = resolve_device(args.device)
+    if args.knowledge is not None:
+        return _run_knowledge(args, cfg, device)
     slm = load_model(args.slm, device)
     big = load_big(args.big, device, cascade.max_word_tokens)
     result = evaluate(slm, big, args.facts, heldout_path=args.heldout, cfg=cfg, device=device,
@@ -239,4 +251,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {p['budget']:.2f} -> {p['call_rate']:.1%}, {fs}, {p['supported_per_generation']:.2f}")
     if args.out is not None:
         print(f"\nwrote {args.out / 'eval.json'}" + (f" and {args.out / 'sweep.png'}" if args.sweep is not None else ""))
+    return 0
+
+
+def _run_knowledge(args: argparse.Namespace, cfg: EvalConfig, device: torch.device) -> int:
+    """``--knowledge``: FactScore on the source's titles (``knowledge_eval.py``)."""
+    from lacy_fast.eval.knowledge_eval import evaluate_knowledge, format_knowledge_report
+    from lacy_fast.eval.sources import open_source
+
+    if args.sweep is not None:
+        raise UserError("--sweep is computed on the synthetic fact table; pass --facts for it")
+    source = open_source(args.knowledge, args.judge, device=str(device))
+    slm = load_model(args.slm, device)
+    big = load_big(args.big, device, cfg.cascade.max_word_tokens)
+    result = evaluate_knowledge(slm, big, source, cfg, device, progress=not args.quiet)
+    if args.out is not None:
+        write_json(args.out / "eval.json", result)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_knowledge_report(result))
+    if args.out is not None and not args.json:
+        print(f"\nwrote {args.out / 'eval.json'}")
     return 0

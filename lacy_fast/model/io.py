@@ -1,13 +1,25 @@
-"""The consolidated model export: what `lacy-fast generate` / `eval` load, and what a
-training run writes next to its DeepSpeed checkpoints.
+"""The consolidated model export: what `lacy-fast generate` / `eval` load, what a training
+run writes next to its DeepSpeed checkpoints, and a Hugging Face model directory that
+transformers opens as it is (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``,
+no custom code).
 
 An export is a directory::
 
-    model.safetensors    weights (tied head stored once, as wte.weight)
-    config.json          {"format": "lacy-fast-export", "version": 1, "model": ModelConfig,
-                          "tokenizer_sha256": ..., "call_id": ..., ...extra}
-    tokenizer.model      the SentencePiece model the weights were trained with
-    train_config.json    the full training config (optional)
+    config.json              transformers' GPT2Config of the same network (``hf.py``), and
+                             "lacy_fast": {"format": "lacy-fast-export", "version": 2,
+                             "model": ModelConfig, "tokenizer_sha256", "call_id", "params", ...extra}
+    model.safetensors        GPT2LMHeadModel weights (tied head stored once, as wte; the
+                             vocabulary's padding rows included)
+    generation_config.json   EOS, and <CALL> and the padding rows suppressed in generate()
+    tokenizer.model          the SentencePiece model the weights were trained with (lacy-fast reads it)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+                             the same tokenizer for transformers (``data/hf_tokenizer.py``)
+    train_config.json        the full training config (optional)
+
+One format serves both: lacy-fast maps GPT-2's weight names and layout back to its own on
+load (a transpose per matrix, nothing measurable next to reading the file). Exports of
+version 1 (lacy-fast's own layout, before this format) still load in lacy-fast; transformers
+cannot open them.
 
 It is written atomically (a temporary directory renamed into place), so a reader never
 sees a half-written export.
@@ -27,9 +39,11 @@ from lacy_fast.config import ModelConfig, from_dict, to_dict
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import atomic_path
 from lacy_fast.model.gpt import GPT
+from lacy_fast.model.hf import from_gpt2, gpt2_config, to_gpt2
 
 FORMAT = "lacy-fast-export"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSION = 1  # lacy-fast's own weight layout, config.json holding only lacy-fast's fields
 
 
 def save_export(
@@ -56,17 +70,50 @@ def save_export(
         "params": model.num_params(),
         **(extra or {}),
     }
+    eos_id, tokenizer_files = None, {}
+    if tokenizer_path is not None:
+        import sentencepiece as spm
+
+        from lacy_fast.data.hf_tokenizer import hf_tokenizer_files
+
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"tokenizer {tokenizer_path} is not a SentencePiece model ({err}); export with the "
+                            "tokenizer.model the model was trained with")
+        eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        call_piece = sp.id_to_piece(call_id) if call_id is not None else "<CALL>"
+        tokenizer_files = hf_tokenizer_files(tokenizer_path, call_piece, model.cfg.max_seq_len)
+    dtype = state["wte.weight"].dtype
+    config = {**gpt2_config(model.cfg, model.padded_vocab_size, eos_id=eos_id, dtype=dtype), "lacy_fast": meta}
+    suppress = ([call_id] if call_id is not None else []) + list(range(model.vocab_size, model.padded_vocab_size))
+    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id, "suppress_tokens": suppress}
     with atomic_path(path, is_dir=True) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # transformers refuses safetensors files whose metadata does not say format "pt"
+        save_file(to_gpt2(state, model.cfg.n_layer), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        for name, text in tokenizer_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if train_config is not None:
             (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
     return path
 
 
+def export_meta(config: dict[str, Any]) -> dict[str, Any] | None:
+    """lacy-fast's fields of an export's parsed config.json (None: not a lacy-fast export)."""
+    inner = config.get("lacy_fast")
+    if isinstance(inner, dict) and inner.get("format") == FORMAT:
+        return inner
+    if config.get("format") == FORMAT:  # version 1: lacy-fast's fields at the top level
+        return config
+    return None
+
+
 def read_export_meta(path: str | Path) -> dict[str, Any]:
+    """lacy-fast's fields of an export's config.json ("format", "version", "model", ...)."""
     path = Path(path)
     config = path / "config.json"
     if path.is_file():
@@ -78,38 +125,43 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     if not config.is_file():
         raise UserError(f"{path} has no config.json; it is not a lacy-fast model export (OUT/export of a training run)")
     try:
-        meta = json.loads(config.read_text())
+        raw = json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{config} is not valid JSON ({err.msg}); the export is damaged, export it again")
-    if meta.get("format") != FORMAT and "format" not in meta and ("out_dir" in meta or (path / "checkpoints").is_dir()):
+    meta = export_meta(raw) if isinstance(raw, dict) else None
+    if meta is None and isinstance(raw, dict) and ("out_dir" in raw or (path / "checkpoints").is_dir()):
         raise UserError(f"{path} is a training run that has no export yet (OUT/export is written with each "
                         "checkpoint); let it train until it saves one, or pass another run")
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a lacy-fast model export (format {meta.get('format')!r}); pass OUT/export of a run")
-    if meta.get("version") != VERSION:
-        raise UserError(f"{path} is export version {meta.get('version')}, this lacy-fast reads version {VERSION}; "
-                        "re-export it with a matching lacy-fast")
+    if meta is None:
+        raise UserError(f"{path} is not a lacy-fast model export (its config.json has no lacy-fast fields); pass "
+                        "OUT/export of a run")
+    if meta.get("version") not in (VERSION, LEGACY_VERSION):
+        raise UserError(f"{path} is export version {meta.get('version')}, this lacy-fast reads versions "
+                        f"{LEGACY_VERSION} and {VERSION}; re-export it with a matching lacy-fast")
     return meta
 
 
 def load_export(path: str | Path, device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> tuple[GPT, dict[str, Any]]:
-    """The model of an export (in eval mode) and its config.json."""
+    """The model of an export (in eval mode) and lacy-fast's fields of its config.json."""
     path = Path(path)
     meta = read_export_meta(path)
     try:
         cfg = from_dict(ModelConfig, meta["model"])
-    except ConfigError as err:
+    except (ConfigError, KeyError, TypeError) as err:
         raise UserError(f"{path}/config.json has a bad model config ({err}); the export is damaged")
     model = GPT(cfg)
+    weights = path / "model.safetensors"
     try:
-        state = load_file(str(path / "model.safetensors"))
+        state = load_file(str(weights))
     except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise UserError(f"cannot read {path}/model.safetensors ({err}); the export is incomplete, export it again")
+        raise UserError(f"cannot read {weights} ({err}); the export is incomplete, export it again")
+    if meta["version"] == VERSION:
+        state = from_gpt2(state, cfg, str(weights))
     expected = model.state_dict()
     bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
     if bad or set(state) - set(expected):
-        raise UserError(f"{path}/model.safetensors does not match its config.json (first mismatch: "
+        raise UserError(f"{weights} does not match its config.json (first mismatch: "
                         f"{(bad or sorted(set(state) - set(expected)))[0]}); the export is damaged")
     bad = first_non_finite(state)
     if bad is not None:
