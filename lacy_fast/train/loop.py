@@ -218,15 +218,17 @@ class StepStats:
 
 
 def _micro_sums(loss: torch.Tensor, stats: dict[str, torch.Tensor], targets: torch.Tensor, strategy: str,
-                ignore_index: int) -> torch.Tensor:
-    """(6,) device sums of a micro-batch: loss, gt loss sum, n_gt, CALL loss sum, n_call, n_valid."""
+                ignore_index: int, renormalize: bool = True) -> torch.Tensor:
+    """(6,) device sums of a micro-batch: loss, gt loss sum, n_gt, CALL loss sum, n_call, n_valid.
+    The gt loss is the one the objective trained on: the renormalised nll, or plain
+    cross-entropy for strategy none and for objective.renormalize=false."""
     with torch.no_grad():
         valid = targets.flatten() != ignore_index  # (N,)
         is_call = stats["is_call"] & valid
         gt = valid & ~is_call
         p_call = stats["p_call"].float()
         gt_loss = stats["nll"].float()
-        if strategy == "none":  # plain CE over the full vocabulary: -log p(y)
+        if strategy == "none" or not renormalize:  # plain CE over the full vocabulary: -log p(y)
             gt_loss = gt_loss - torch.log1p(-p_call.clamp(max=1 - 1e-7))
         call_loss = -torch.log(p_call.clamp(min=1e-30))
         return torch.stack([
@@ -294,6 +296,7 @@ def _train(cfg: RunConfig, d: Dist, progress: bool) -> dict[str, Any]:
     from lacy_fast.model.io import load_export, save_export
     from lacy_fast.train.checkpoint import Checkpointer
     from lacy_fast.train.ds_config import deepspeed_config
+    from lacy_fast.kernels import selection_bound
     from lacy_fast.train.objective import LacyLM, reference_nll
 
     out = Path(cfg.out_dir)
@@ -394,17 +397,18 @@ def _train(cfg: RunConfig, d: Dist, progress: bool) -> dict[str, Any]:
                 if ref is not None:
                     ref_nll = reference_nll(ref, batch.idx, batch.targets, batch.flags, tokenizer.call_id,
                                             o.ignore_index, o.impl)
-                loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll)
+                count = selected_count(o.strategy, o.call_fraction, batch.n_valid, batch.n_facts, batch.n_judge)
+                loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll,
+                                     max_selected=selection_bound(count, batch.targets.numel()))
                 engine.backward(loss)
                 if micro == t.grad_accum - 1 and own_norm:
                     # ZeRO-0 in fp32 clips without recording the norm: take it from the
                     # (already all-reduced) gradients, on the device.
                     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads_of]))
                 engine.step()
-                micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, o.ignore_index)
+                micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, o.ignore_index, o.renormalize)
                 sums = micro_sums if sums is None else sums + micro_sums
-                host_gt += batch.n_valid - selected_count(o.strategy, o.call_fraction, batch.n_valid,
-                                                          batch.n_facts, batch.n_judge)
+                host_gt += batch.n_valid - count
                 n_facts += batch.n_facts
             step += 1
             step_gt, step_facts, stop = _sum_host([host_gt, n_facts, int(signals.received is not None)], d)
