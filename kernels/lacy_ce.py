@@ -39,13 +39,15 @@ How ``bound`` (the most rows the correction handles) reaches the host without a
 synchronisation: the caller passes it as ``max_selected``, a host int. The training loop
 knows each micro-batch's selection count on the host before the copy to the device (it is
 fixed by the flags: ``selected_count`` in lacy_fast/train/loop.py) and passes
-``selection_bound(count, N)``, that count rounded up to a bucket of N/64 rows: an exact
+``selection_bound(count, N)``, that count rounded up to a bucket of N/128 rows: an exact
 bound would change every step, and torch.compile guards on an int argument (a recompile
 when it changes, then a symbolic int; CUDA graphs record a graph per value), so buckets
-keep the values few for under 1/64 N extra rows. A bounded-from-above size alone (from
-the strategy, ``static_bound``) is the default when no hint is given: always correct,
-slower for spacy and judge (every row corrected). On device the op checks the bound: if
-more rows were selected the loss and gradients are NaN, never silently wrong.
+keep the values few for under N/128 extra rows. A bound from the arguments alone
+(``static_bound``: floor(call_fraction N)) is the default when no hint is given: always
+correct, slower. Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
+spacy and judge select by the flags, known before any logit, so their rows get the <CALL>
+gradient in the first pass. On device the op checks the bound: if more rows were
+selected the loss and gradients are NaN, never silently wrong.
 """
 import os
 import types
@@ -452,6 +454,7 @@ def ordinary_triton(
     coef: torch.Tensor,  # (N,) fp32 d loss / d row loss (0 for rows without loss)
     call_id: int,
     plain: bool,
+    to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
 ) -> tuple[torch.Tensor, ...]:
     """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
 
@@ -501,8 +504,9 @@ def ordinary_triton(
         s = split_stats[n_splits * c_max:n_splits * (c_max + rows)].view(n_splits, rows)
         _launch_fwd(hc, w, targets[part], call_id, m, s, z_target[part], z_call[part], zc, n_splits)
         lse_nc[part] = torch.logsumexp(m + torch.log(s), dim=0)
-        a, c = ordinary_coefs(lse_nc[part], z_call[part], coef[part], plain)
-        _launch_dlogits(zc, None, w, lse_nc[part], a, -coef[part], c, targets[part], call_id)
+        a, b, c = ordinary_coefs(lse_nc[part], z_call[part], coef[part], plain,
+                                 None if to_call is None else to_call[part])
+        _launch_dlogits(zc, None, w, lse_nc[part], a, b, c, targets[part], call_id)
         torch.mm(zc, w, out=grad_hidden[part])
         _launch_gemm_tn_acc(zc, hc, grad_weight)
     return lse_nc, z_call, z_target, grad_hidden, grad_weight
@@ -639,9 +643,9 @@ def lacy_linear_cross_entropy(
              so every one of them pushes p(CALL) down. ``none`` is plain CE either way.
     max_selected  a host-side upper bound on the number of positions the strategy selects
              in this batch (``selection_bound(count, N)`` when the count is known on the
-             host, as in training); None: the most the strategy can select (correct, but
-             spacy and judge then correct every row). If the batch selects more, the loss
-             and gradients are NaN. Ignored by ``impl="torch"``.
+             host, as in training); None: floor(call_fraction N) (correct, slower). Used by
+             the ranked strategies (lacy, loss, rho, ignore); if the batch selects more,
+             the loss and gradients are NaN. Ignored by ``impl="torch"``.
 
     Returns (loss, stats): loss is a float32 scalar, the mean over counted positions (0 with
     zero gradients when none is counted), differentiable w.r.t. hidden and weight; stats

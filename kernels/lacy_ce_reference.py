@@ -57,9 +57,11 @@ gradients need not wait for it:
    alone: dh_sel = dh_ordinary + coef (W[y] - W[CALL]) and grad_weight gets +coef h at row
    y and -coef h at row CALL: no recomputation at all. For ``ignore`` a selected row's
    contribution is removed instead (its dh is zero; grad_weight recomputes its dz and
-   subtracts it). For ``none``, no correction.
+   subtracts it). For ``none``, no correction. ``spacy`` and ``judge`` select by the
+   flags, known before any logit: step 1 gives their selected rows the <CALL> gradient
+   directly, and there is nothing to correct.
    Cost: 3 + 2k/N GEMM units (k/N ~ 0.15 for ``lacy`` at call_fraction 0.6 and 25% fact
-   targets) where a two-pass algorithm costs 4.
+   targets) where a two-pass algorithm costs 4; 3 for none, spacy and judge.
 The count's denominator is known before any logit: ``selection_size`` is fixed by the
 flags and the valid targets, not by the scores, so coef is final in step 1.
 
@@ -67,15 +69,15 @@ How many rows the correction handles, ``bound``, is a host int: the correction's
 depend on it and reading the device's count would synchronise. The op takes it as an
 argument (``max_selected`` of the public function) and checks it on device: if more rows
 were selected than ``bound``, the loss and every gradient are NaN, never silently wrong.
-Without a hint the bound is what the strategy can select at most (``static_bound``):
-correct, but for ``spacy`` and ``judge`` every row is corrected. The training loop knows
-the count on the host before the batch is copied to the device (``selected_count`` from
-the loader's n_valid / n_facts / n_judge) and passes ``selection_bound(count, N)``: the
-count rounded up to a bucket of N/64 rows (at least 16), so the int that reaches a
-compiled graph takes few distinct values (torch.compile guards on an int argument and
-recompiles when it changes; with automatic dynamic shapes it recompiles once, then treats
-it as symbolic; CUDA graphs record one graph per value) at a cost of under 1/64 of N
-extra corrected rows (under 1/32 GEMM unit).
+Without a hint the bound is the most the strategy can select (``static_bound``:
+floor(call_fraction N)), correct but slower. The training loop knows the count on the host
+before the batch is copied to the device (``selected_count`` from the loader's n_valid /
+n_facts / n_judge) and passes ``selection_bound(count, N)``: the count rounded up to a
+bucket of N/128 rows (at least 16), so the int that reaches a compiled graph takes few
+distinct values (torch.compile guards on an int argument and recompiles when it changes;
+with automatic dynamic shapes it recompiles once, then treats it as symbolic; CUDA graphs
+record one graph per value) at a cost of under N/128 extra corrected rows (under 1/64 GEMM
+unit).
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ JUDGE_BIT = 2  # flags bit 1: an external judge says "call here"
 # as the larger of hidden (N x D) and weight (V x D): the extra memory stays O(N*D + V*D)
 # while each chunk's matmuls stay large enough to run at full speed.
 CHUNK_ROWS_ENV = "LACY_FAST_CE_CHUNK_ROWS"  # a fixed number of rows per chunk (tests, tuning)
-BOUND_BUCKETS = 64  # selection_bound rounds a count up to a multiple of N / BOUND_BUCKETS rows
+BOUND_BUCKETS = 128  # selection_bound rounds a count up to a multiple of N / BOUND_BUCKETS rows
 BOUND_MIN_BUCKET = 16
 
 
@@ -181,16 +183,16 @@ def select_calls(
 
 
 def static_bound(strategy: str, call_fraction: float, n_rows: int) -> int:
-    """The most positions ``strategy`` can select among ``n_rows``, from the arguments alone."""
-    if strategy == "none":
-        return 0
+    """The most rows the correction of ``strategy`` can have among ``n_rows``, from the
+    arguments alone: floor(call_fraction * n_rows) for the ranked strategies; 0 for none,
+    spacy and judge (their selection is known before any logit and needs no correction)."""
     if strategy in RANKED:
         return min(n_rows, math.floor(n_rows * call_fraction))
-    return n_rows
+    return 0
 
 
 def selection_bound(count: int, n_rows: int) -> int:
-    """A host-side selection count rounded up to a bucket of ``n_rows / 64`` rows (at least
+    """A host-side selection count rounded up to a bucket of ``n_rows / 128`` rows (at least
     16), at most ``n_rows``: the ``max_selected`` to pass for a batch of ``n_rows`` whose
     count is known on the host (the module docstring says why buckets)."""
     if count <= 0:
@@ -276,18 +278,31 @@ def finish_rows(
     return loss, nll, selected, p_call
 
 
-def ordinary_coefs(lse_nc: torch.Tensor, z_call: torch.Tensor, coef: torch.Tensor,
-                   plain: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, c) of the ordinary rows' d loss / d logits, in the form every backend computes:
+def ordinary_coefs(lse_nc: torch.Tensor, z_call: torch.Tensor, coef: torch.Tensor, plain: bool,
+                   to_call: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, c) of step 1's d loss / d logits, in the form every backend computes:
 
         dz[i, v] = a[i] exp(z[i, v] - lse_nc[i]) [v != CALL] + c[i] [v == CALL] + b[i] [v == y[i]]
 
-    with b = -coef. Renormalised (q - onehot(y)): a = coef, c = 0. Full softmax (p -
-    onehot(y), with p_v = (1 - p_c) q_v off the CALL column): a = coef (1 - p_c), c = coef p_c.
+    Renormalised (q - onehot(y)): a = coef, b = -coef, c = 0. Full softmax (p - onehot(y),
+    with p_v = (1 - p_c) q_v off the CALL column): a = coef (1 - p_c), b = -coef,
+    c = coef p_c. Rows of ``to_call`` (a selection known before any logit: spacy, judge)
+    get their final <CALL> gradient p - onehot(CALL): a = coef (1 - p_c), b = 0,
+    c = -coef (1 - p_c).
     """
-    if not plain:
-        return coef, torch.zeros_like(coef)
-    return coef * torch.sigmoid(lse_nc - z_call), coef * torch.sigmoid(z_call - lse_nc)
+    b = -coef
+    if not plain and to_call is None:
+        return coef, b, torch.zeros_like(coef)
+    keep = torch.sigmoid(lse_nc - z_call)  # 1 - p_c, accurate when p_c is near 1
+    if plain:
+        a, c = coef * keep, coef * torch.sigmoid(z_call - lse_nc)
+    else:
+        a, c = coef, torch.zeros_like(coef)
+    if to_call is not None:
+        a = torch.where(to_call, coef * keep, a)
+        b = torch.where(to_call, 0.0, b)
+        c = torch.where(to_call, -coef * keep, c)
+    return a, b, c
 
 
 # ----------------------------------------------------------------------------------------
@@ -338,13 +353,17 @@ def lacy_ce_one_pass(
     # the gradients are exactly zero then, not a sum cancelled by the correction.
     coef = torch.where(n_counted > 0, valid.to(sdt) / n_counted.clamp(min=1).to(sdt), 0.0)
     plain = strategy == "none" or not renormalize
-    lse_nc, z_call, z_target, grad_hidden, grad_weight = backend.ordinary(hidden, weight, y, coef, call_id, plain)
+    # spacy and judge select by the flags alone: their rows get the <CALL> gradient right away.
+    to_call = None if strategy in RANKED or strategy == "none" else \
+        select_calls(strategy, torch.zeros_like(coef), valid, flags, call_fraction)
+    lse_nc, z_call, z_target, grad_hidden, grad_weight = backend.ordinary(hidden, weight, y, coef, call_id, plain,
+                                                                          to_call)
     # 2. Selection.
     loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, valid, flags, strategy, call_fraction,
                                               ref_nll, renormalize)
     grad_scale = torch.ones((), dtype=sdt, device=hidden.device)
-    # 3. The correction of the selected rows.
-    if strategy != "none" and bound > 0 and n > 0:
+    # 3. The correction of the selected rows (ranked strategies: selected by the scores).
+    if strategy in RANKED and bound > 0 and n > 0:
         _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected, grad_hidden, grad_weight,
                           call_id, strategy, renormalize, bound)
         grad_scale = torch.where(selected.sum() <= bound, grad_scale, float("nan"))
@@ -378,9 +397,7 @@ def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected
     grad_hidden.index_copy_(0, rows, torch.where(live[:, None], changed, dh).to(grad_hidden.dtype))
 
     if strategy != "ignore" and not renormalize:  # one-hot parts only: no recomputation
-        moved = coef_sel[:, None] * h_sel.to(sdt)  # (k, D)
-        grad_weight.index_put_((y_sel,), moved, accumulate=True)  # deterministic on CUDA too
-        grad_weight[call_id] -= moved.sum(dim=0)
+        _add_one_hot_rows(grad_weight, y_sel, coef_sel, -coef_sel, h_sel.to(sdt), call_id)
         return
     if strategy == "ignore":  # remove the row's ordinary dz
         a, c = (-coef_sel, torch.zeros_like(coef_sel)) if renormalize else (-coef_sel * keep, -coef_sel * p_c)
@@ -429,14 +446,18 @@ def ordinary_chunked(
     coef: torch.Tensor,  # (N,) d loss / d row loss (0 for rows without loss)
     call_id: int,
     plain: bool,
+    to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
 ) -> tuple[torch.Tensor, ...]:
     """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
 
-    Per chunk of C rows, three matmuls: the logits (C, V), turned in place into d loss /
-    d logits (``ordinary_coefs``), then grad_hidden[chunk] = dz @ W and grad_weight +=
-    dz^T @ h. Between them four elementwise passes over the chunk (max, exp, sum, scale),
-    as a plain cross-entropy needs. Both gradients are fp32 (fp64) buffers: the correction
-    of the selected rows reads and adjusts them before they are cast to the input dtype.
+    Per chunk of C rows, three matmuls: the logits Z (C, V); E = exp(Z - rowmax) in place
+    (0 at <CALL>), whose row sums give lse_nc; then, with dz = s E + c onehot(CALL) +
+    b onehot(y) and s = a / rowsum(E) (``ordinary_coefs``), grad_hidden[chunk] = s (E @ W)
+    + c W[CALL] + b W[y] and grad_weight += E^T (s h) plus the one-hot rows b h at y and
+    sum(c h) at CALL. The per-row factors act on (C, D) operands, never on the (C, V)
+    buffer, which sees four elementwise passes (max, subtract, exp, sum) and the two
+    products. Both gradients are fp32 (fp64) buffers: the correction of the selected rows
+    reads and adjusts them before they are cast to the input dtype.
     Peak extra memory: one chunk of logits plus the two gradient buffers.
     """
     n, d = hidden.shape
@@ -452,9 +473,9 @@ def ordinary_chunked(
     for start in range(0, n, step):
         rows = slice(start, start + step)
         h = hidden[rows].to(sdt)  # (C, D)
-        y = targets[rows, None]  # (C, 1)
-        z = h @ w.T  # (C, V) logits, turned into d loss / d logits in place
-        z_target[rows] = z.gather(1, y)[:, 0]
+        y = targets[rows]  # (C,)
+        z = h @ w.T  # (C, V) logits, turned into E in place
+        z_target[rows] = z.gather(1, y[:, None])[:, 0]
         zc = z[:, call_id].clone()
         z_call[rows] = zc
         z[:, call_id] = float("-inf")
@@ -463,13 +484,24 @@ def ordinary_chunked(
         total = e.sum(dim=1)
         lnc = top + total.log()
         lse_nc[rows] = lnc
-        a, c = ordinary_coefs(lnc, zc, coef[rows], plain)
-        e.mul_((a / total)[:, None])  # a exp(z - lse_nc)
-        e[:, call_id] = c
-        e.scatter_add_(1, y, -coef[rows, None])
-        torch.mm(e, w, out=grad_hidden[rows])
-        grad_weight.addmm_(e.T, h)
+        a, b, c = ordinary_coefs(lnc, zc, coef[rows], plain, None if to_call is None else to_call[rows])
+        c = c if plain or to_call is not None else None  # None: zero (the renormalised rows)
+        s = (a / total)[:, None]  # a exp(z - lse_nc) = s E
+        one_hot = w[y].mul_(b[:, None])  # (C, D) b W[y] (+ c W[CALL])
+        if c is not None:
+            one_hot.addr_(c, w[call_id])
+        torch.addcmul(one_hot, s, e @ w, out=grad_hidden[rows])
+        grad_weight.addmm_(e.T, s * h)
+        _add_one_hot_rows(grad_weight, y, b, c, h, call_id)
     return lse_nc, z_call, z_target, grad_hidden, grad_weight
+
+
+def _add_one_hot_rows(grad_weight, targets, b, c, h, call_id) -> None:
+    """grad_weight += the one-hot parts of dz^T h: b[i] h[i] at row y[i], sum c[i] h[i] at
+    <CALL> (c None: zero)."""
+    grad_weight.index_put_((targets,), b[:, None] * h, accumulate=True)  # deterministic on CUDA too
+    if c is not None:
+        grad_weight[call_id] += c @ h
 
 
 def delta_weight_chunked(
@@ -484,7 +516,7 @@ def delta_weight_chunked(
     grad_weight: torch.Tensor,  # (V, D) fp32 accumulator, updated in place
 ) -> None:
     """grad_weight += dz^T @ hidden with dz recomputed from the rows' logits (step 3):
-    two matmuls of k x V x D, one chunk of logits at a time."""
+    two matmuls of k x V x D, one chunk of logits at a time, the factors on the (C, D) side."""
     k, d = hidden.shape
     vocab = weight.shape[0]
     sdt = grad_weight.dtype
@@ -494,10 +526,10 @@ def delta_weight_chunked(
         rows = slice(start, start + step)
         h = hidden[rows].to(sdt)
         z = h @ w.T  # (C, V)
-        dz = z.sub_(lse_nc[rows, None]).exp_().mul_(a[rows, None])
-        dz[:, call_id] = c[rows]
-        dz.scatter_add_(1, targets[rows, None], b[rows, None])
-        grad_weight.addmm_(dz.T, h)
+        z[:, call_id] = float("-inf")
+        e = z.sub_(lse_nc[rows, None]).exp_()  # exp(z - lse_nc), 0 at <CALL>
+        grad_weight.addmm_(e.T, a[rows, None] * h)
+        _add_one_hot_rows(grad_weight, targets[rows], b[rows], c[rows], h, call_id)  # c: a few zero rows at most
 
 
 CHUNKED = types.SimpleNamespace(row_stats=row_stats_chunked, ordinary=ordinary_chunked,
