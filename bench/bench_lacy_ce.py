@@ -35,8 +35,9 @@ crashes or disagrees is a row saying so, and the script exits with status 1.
 
 Timing: --passes of fwd (forward only; our op then runs its statistics pass alone), bwd
 (the backward of one forward, repeated with the graph retained) and fwdbwd (both). The
-providers are timed in interleaved rounds (one call of each per round, after a warm-up
-of each), so drift of a shared machine hits all alike; median and 20th/80th percentiles.
+providers are timed in interleaved rounds (one call of each per round, each round starting
+with the next provider, after a warm-up of each), so drift of a shared machine hits all
+alike; median and 20th/80th percentiles, and the ratios to the yardstick per round.
 Peak memory: extra bytes at the peak of one forward + backward (bench/harness.py). TFLOP/s
 use the model FLOPs of the LM head, 2 N V D forward and 4 N V D backward, as Liger and
 nanoGPT count them; recomputation is not credited. Rows go to bench/results/lacy_ce.jsonl
@@ -351,17 +352,19 @@ def measure(provs: list[Provider], inputs, device, passes, warmup, reps) -> list
         for call in calls:
             for _ in range(warmup):
                 call()
-        for _ in range(reps):
-            for i, call in enumerate(calls):
+        for r in range(reps):
+            for j in range(len(calls)):  # each round starts one provider later: no fixed order
+                i = (j + r) % len(calls)
                 synchronize(device)
                 t0 = time.perf_counter()
-                call()
+                calls[i]()
                 synchronize(device)
                 times[i].append((time.perf_counter() - t0) * 1e3)
         for p, ts in zip(provs, times):
-            q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) >= 2 else [ts[0]] * 4
+            q = _quintiles(ts)
             rows.append({"provider": p.name, "strategy": p.strategy, "pass": pass_, "median_ms": statistics.median(ts),
-                         "p20_ms": q[0], "p80_ms": q[3], "reps": reps, "loadavg_1m": os.getloadavg()[0]})
+                         "p20_ms": q[0], "p80_ms": q[3], "reps": reps, "times_ms": [round(t, 2) for t in ts],
+                         "loadavg_1m": os.getloadavg()[0]})
         calls = None
     for p in provs:
         peak = peak_memory(_callables(p.fn, inputs, "fwdbwd"), device)
@@ -369,6 +372,10 @@ def measure(provs: list[Provider], inputs, device, passes, warmup, reps) -> list
             if row["provider"] == p.name and row["strategy"] == p.strategy:
                 row["peak_mem_mb"] = None if peak is None else peak / 2**20
     return rows
+
+
+def _quintiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=5, method="inclusive") if len(values) >= 2 else [values[0]] * 4
 
 
 def model_tflops(row: dict, n: int, d: int, v: int) -> float:
@@ -470,14 +477,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_ratios(rows: list[dict]) -> None:
     """vs_yardstick: time / ce-onepass-torch's; vs_fused: time / the faster of liger-flce and cce
-    (same pass)."""
+    (same pass), both from the medians. vs_yardstick_rounds: the median and 20th / 80th
+    percentiles of the ratio within each timed round (the calls of one round run back to
+    back, so a shared machine's changing load cancels out of them)."""
     t = {(r["provider"], r["pass"]): r["median_ms"] for r in rows if "median_ms" in r}
+    rounds = {(r["provider"], r["pass"]): r["times_ms"] for r in rows if "times_ms" in r}
     for row in rows:
         if "median_ms" not in row:
             continue
         base = t.get(("ce-onepass-torch", row["pass"]))
         if base:
             row["vs_yardstick"] = row["median_ms"] / base
+            ratios = [a / b for a, b in zip(row["times_ms"], rounds[("ce-onepass-torch", row["pass"])])]
+            q = _quintiles(ratios)
+            row["vs_yardstick_rounds"] = {"median": statistics.median(ratios), "p20": q[0], "p80": q[3]}
         fused = [t[(p, row["pass"])] for p in ("liger-flce", "cce") if (p, row["pass"]) in t]
         if fused:
             row["vs_fused"] = row["median_ms"] / min(fused)
@@ -491,7 +504,9 @@ def report_targets(rows: list[dict], n: int, d: int, v: int, dtype: torch.dtype)
         line = f"  {row['provider']} [{row['strategy']}] fwd+bwd:"
         if "vs_yardstick" in row:
             goal = "<= 1.12x" if row["strategy"] != "none" else "<= 1.00x"
-            line += f" {row['vs_yardstick']:.3f}x ce-onepass-torch (CPU goal {goal})"
+            paired = row["vs_yardstick_rounds"]
+            line += (f" {row['vs_yardstick']:.3f}x ce-onepass-torch (medians), per round {paired['median']:.3f}x "
+                     f"[p20 {paired['p20']:.3f}, p80 {paired['p80']:.3f}] (CPU goal {goal})")
         if "vs_fused" in row:
             line += f", {row['vs_fused']:.3f}x the faster of liger-flce and cce (GPU goal <= 1.10x)"
         print(line)
