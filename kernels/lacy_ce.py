@@ -455,6 +455,7 @@ def ordinary_triton(
     call_id: int,
     plain: bool,
     to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
+    plain_ce: bool = False,  # strategy none (the chunked backend's shortcut; the kernels need none)
 ) -> tuple[torch.Tensor, ...]:
     """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
 

@@ -357,7 +357,7 @@ def lacy_ce_one_pass(
     to_call = None if strategy in RANKED or strategy == "none" else \
         select_calls(strategy, torch.zeros_like(coef), valid, flags, call_fraction)
     lse_nc, z_call, z_target, grad_hidden, grad_weight = backend.ordinary(hidden, weight, y, coef, call_id, plain,
-                                                                          to_call)
+                                                                          to_call, strategy == "none")
     # 2. Selection.
     loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, valid, flags, strategy, call_fraction,
                                               ref_nll, renormalize)
@@ -389,11 +389,10 @@ def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected
     dh = grad_hidden[rows].to(sdt)
     if strategy == "ignore":
         changed = torch.zeros_like(dh)
-    else:
-        w_diff = weight[y_sel].to(sdt) - weight[call_id].to(sdt)  # (k, D) W[y] - W[CALL]
-        changed = dh + coef_sel[:, None] * w_diff
+    else:  # (k, D), in place on one buffer: coef (W[y] - W[CALL]) + dh, times 1 - p_c if renormalised
+        changed = weight[y_sel].to(sdt).sub_(weight[call_id].to(sdt)).mul_(coef_sel[:, None]).add_(dh)
         if renormalize:
-            changed = keep[:, None] * changed
+            changed.mul_(keep[:, None])
     grad_hidden.index_copy_(0, rows, torch.where(live[:, None], changed, dh).to(grad_hidden.dtype))
 
     if strategy != "ignore" and not renormalize:  # one-hot parts only: no recomputation
@@ -447,6 +446,7 @@ def ordinary_chunked(
     call_id: int,
     plain: bool,
     to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
+    plain_ce: bool = False,  # strategy none: plain cross-entropy, lse_nc only a statistic
 ) -> tuple[torch.Tensor, ...]:
     """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
 
@@ -456,7 +456,11 @@ def ordinary_chunked(
     + c W[CALL] + b W[y] and grad_weight += E^T (s h) plus the one-hot rows b h at y and
     sum(c h) at CALL. The per-row factors act on (C, D) operands, never on the (C, V)
     buffer, which sees four elementwise passes (max, subtract, exp, sum) and the two
-    products. Both gradients are fp32 (fp64) buffers: the correction of the selected rows
+    products. For ``plain_ce`` (strategy none) E keeps its <CALL> column (the max is over
+    every column) and c vanishes: dz = coef (E / rowsum(E) - onehot(y)), exactly a plain
+    cross-entropy's work; lse_nc, a statistic there, comes from the row sum without the
+    <CALL> column (-inf, never a wrong finite value, should every other logit lie more than
+    ~87 below the <CALL> logit, which no training towards none produces). Both gradients are fp32 (fp64) buffers: the correction of the selected rows
     reads and adjusts them before they are cast to the input dtype.
     Peak extra memory: one chunk of logits plus the two gradient buffers.
     """
@@ -476,17 +480,24 @@ def ordinary_chunked(
         y = targets[rows]  # (C,)
         z = h @ w.T  # (C, V) logits, turned into E in place
         z_target[rows] = z.gather(1, y[:, None])[:, 0]
-        zc = z[:, call_id].clone()
-        z_call[rows] = zc
-        z[:, call_id] = float("-inf")
-        top = z.amax(dim=1)  # (C,)
-        e = z.sub_(top[:, None]).exp_()  # exp(z - top), 0 at <CALL>
-        total = e.sum(dim=1)
-        lnc = top + total.log()
-        lse_nc[rows] = lnc
-        a, b, c = ordinary_coefs(lnc, zc, coef[rows], plain, None if to_call is None else to_call[rows])
-        c = c if plain or to_call is not None else None  # None: zero (the renormalised rows)
-        s = (a / total)[:, None]  # a exp(z - lse_nc) = s E
+        z_call[rows] = z[:, call_id]
+        if plain_ce:
+            top = z.amax(dim=1)  # (C,) over every column
+            e = z.sub_(top[:, None]).exp_()  # exp(z - top)
+            total = e[:, :call_id].sum(dim=1) + e[:, call_id + 1:].sum(dim=1)  # without <CALL>
+            lse_nc[rows] = top + total.log()
+            b, c = -coef[rows], None
+            s = (coef[rows] / (total + e[:, call_id]))[:, None]
+        else:
+            z[:, call_id] = float("-inf")
+            top = z.amax(dim=1)  # (C,)
+            e = z.sub_(top[:, None]).exp_()  # exp(z - top), 0 at <CALL>
+            total = e.sum(dim=1)
+            lnc = top + total.log()
+            lse_nc[rows] = lnc
+            a, b, c = ordinary_coefs(lnc, z_call[rows], coef[rows], plain, None if to_call is None else to_call[rows])
+            c = c if plain or to_call is not None else None  # None: zero (the renormalised rows)
+            s = (a / total)[:, None]  # a exp(z - lse_nc) = s E
         one_hot = w[y].mul_(b[:, None])  # (C, D) b W[y] (+ c W[CALL])
         if c is not None:
             one_hot.addr_(c, w[call_id])
