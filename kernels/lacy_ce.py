@@ -29,7 +29,9 @@ Passes (triton), the one-pass algorithm of ``lacy_ce_reference.py``:
             (a stable sort, no host synchronisation), then the correction of the selected
             rows: grad_hidden from per-row values, grad_weight from their recomputed logits
             (one more dlogits kernel and GEMM over at most ``bound`` rows).
-            Three GEMM units + 2 bound / N (a GEMM unit = 2 N V D FLOPs).
+            Three GEMM units + 2 bound / N (a GEMM unit = 2 N V D FLOPs) for the ranked
+            strategies; three for none, spacy and judge, and for renormalize=False (whose
+            correction is one-hot rows) except ignore.
   backward  grad_hidden and grad_weight times the upstream gradient (two elementwise
             products). The forward keeps the gradients, not hidden and weight.
   no grad   (torch.no_grad, or neither input requires grad) one GEMM unit: the statistics
