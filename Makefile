@@ -2,6 +2,9 @@
 #   make demo   set up .venv, then run the whole pipeline on the built-in corpus
 #   make test   set up .venv, then run the test suite
 # `make setup` alone builds the environment; LACY_FAST_NO_NATIVE=1 skips the C++ helpers.
+# On a GPU machine, offline, with only torch and triton installed (no setup):
+#   make gpu-wheels WHEELS=dir   where a registry is reached: the wheels the check needs (<= 64 MiB)
+#   make gpu-check [WHEELS=dir]  the GPU tests, kernel benchmark and timed training steps (bench/gpu_check.py)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,8 +12,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+WHEELS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -28,6 +33,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	$(PYTHON) bench/gpu_wheels.py --out $(or $(WHEELS),gpu-wheels)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

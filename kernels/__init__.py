@@ -12,6 +12,7 @@ twice and leave the first registration's handles dangling.
 """
 if __name__ == "lacy_fast.kernels":
     from .lacy_ce import IMPLS, LacyLossArgumentError, lacy_linear_cross_entropy
-    from .lacy_ce_reference import STRATEGIES
+    from .lacy_ce_reference import STRATEGIES, selection_bound, static_bound
 
-    __all__ = ["IMPLS", "STRATEGIES", "LacyLossArgumentError", "lacy_linear_cross_entropy"]
+    __all__ = ["IMPLS", "STRATEGIES", "LacyLossArgumentError", "lacy_linear_cross_entropy", "selection_bound",
+               "static_bound"]

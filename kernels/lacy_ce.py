@@ -1,31 +1,55 @@
 """Fused LM head + LaCy loss: ``lacy_linear_cross_entropy``.
 
     loss, stats = lacy_linear_cross_entropy(hidden, weight, targets, flags, call_id,
-                                            strategy="lacy", call_fraction=0.6)
+                                            strategy="lacy", call_fraction=0.6,
+                                            max_selected=selection_bound(count, N))
 
 The method (docs/method.md): per position the logits z = W h; the
 highest-loss share of the candidate targets becomes <CALL> (loss -log p(CALL), full
 softmax); every other valid target is scored by cross-entropy with <CALL> excluded and
-the rest renormalised, nll = lse_nc - z_y. Semantic details and the pure-PyTorch
-implementations are in ``lacy_ce_reference.py``.
+the rest renormalised, nll = lse_nc - z_y (``renormalize=True``, the paper), or by plain
+cross-entropy over the full vocabulary (``renormalize=False``). Semantic details, the
+one-pass algorithm and the pure-PyTorch implementations are in ``lacy_ce_reference.py``.
 
 The file reads top to bottom:
-  1. Triton kernels: the forward statistics, the backward's d loss / d logits, and the
-     fp32-accumulating weight-gradient GEMM.
+  1. Triton kernels: the logit tiles with their row statistics (and, when gradients are
+     wanted, the logits themselves, one chunk of rows at a time), d loss / d logits, and
+     the fp32-accumulating weight-gradient GEMM.
   2. Host launchers with their launch settings and napkin math.
-  3. The ops, registered with ``torch.library`` (custom op + fake + autograd) so
-     ``torch.compile(fullgraph=True)`` traces through them with no graph break.
+  3. The op, registered with ``torch.library`` (custom op + fake + autograd) so
+     ``torch.compile(fullgraph=True)`` traces through it with no graph break.
   4. The public function.
 
-Passes (triton):
-  forward   one kernel computes, tile by tile of hidden @ weight.T and without writing
-            logits anywhere, the online log-sum-exp over v != CALL, the CALL logit and the
-            target logit of every row (V split across programs, partial (max, sumexp)
-            combined by a tiny torch step); then selection runs on device (a stable sort,
-            no host synchronisation) and the loss is reduced on device.
-  backward  per chunk of rows: a kernel recomputes the logit tiles and writes
-            d loss / d logits (the chunk's dz, never all N rows); grad_hidden = dz @ W with
-            cuBLAS; grad_weight += dz^T @ h with a Triton GEMM that accumulates in fp32.
+Passes (triton), the one-pass algorithm of ``lacy_ce_reference.py``:
+  forward   per chunk of rows: a kernel computes the logit tiles, their online
+            log-sum-exp over v != CALL, the CALL and target logits, and writes the chunk's
+            logits (input dtype); a second kernel turns them in place into the ordinary
+            d loss / d logits; grad_hidden[chunk] = dz @ W with cuBLAS; grad_weight +=
+            dz^T @ h with a Triton GEMM that accumulates in fp32. Then selection on device
+            (a stable sort, no host synchronisation), then the correction of the selected
+            rows: grad_hidden from per-row values, grad_weight from their recomputed logits
+            (one more dlogits kernel and GEMM over at most ``bound`` rows).
+            Three GEMM units + 2 bound / N (a GEMM unit = 2 N V D FLOPs) for the ranked
+            strategies; three for none, spacy and judge, and for renormalize=False (whose
+            correction is one-hot rows) except ignore.
+  backward  grad_hidden and grad_weight times the upstream gradient (two elementwise
+            products). The forward keeps the gradients, not hidden and weight.
+  no grad   (torch.no_grad, or neither input requires grad) one GEMM unit: the statistics
+            kernel alone, no logits written.
+
+How ``bound`` (the most rows the correction handles) reaches the host without a
+synchronisation: the caller passes it as ``max_selected``, a host int. The training loop
+knows each micro-batch's selection count on the host before the copy to the device (it is
+fixed by the flags: ``selected_count`` in lacy_fast/train/loop.py) and passes
+``selection_bound(count, N)``, that count rounded up to a bucket of N/128 rows: an exact
+bound would change every step, and torch.compile guards on an int argument (a recompile
+when it changes, then a symbolic int; CUDA graphs record a graph per value), so buckets
+keep the values few for under N/128 extra rows. A bound from the arguments alone
+(``static_bound``: floor(call_fraction N)) is the default when no hint is given: always
+correct, slower. Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
+spacy and judge select by the flags, known before any logit, so their rows get the <CALL>
+gradient in the first pass. On device the op checks the bound: if more rows were
+selected the loss and gradients are NaN, never silently wrong.
 """
 import os
 import types
@@ -36,12 +60,13 @@ from lacy_fast.errors import UserError
 from lacy_fast.method import IMPLS  # the implementation names, defined once
 
 from .lacy_ce_reference import (
+    CHUNKED,
     STRATEGIES,
     chunk_rows,
-    finish_rows,
-    grads_chunked,
+    lacy_ce_one_pass,
     lacy_ce_torch,
-    row_stats_chunked,
+    ordinary_coefs,
+    static_bound,
     stat_dtype,
 )
 
@@ -104,16 +129,19 @@ def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
     return first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
 
 
+
 @triton.jit
 def _lacy_ce_fwd_kernel(
     h_ptr,  # (N, D) hidden states, row stride stride_h, unit column stride
     w_ptr,  # (V, D) output head, row stride stride_w, unit column stride
-    tgt_ptr,  # (N,) int64 targets; only compared with column ids, never used as an address
+    tgt_ptr,  # (N,) int64 targets in [0, V); only compared with column ids, never used as an address
     m_ptr,  # (S, N) fp32 out: max of the non-CALL logits in split s (_NEG_BIG if none)
     s_ptr,  # (S, N) fp32 out: sum of exp(z - m) over the non-CALL logits in split s
     zt_ptr,  # (N,) fp32 out: target logit, stored by the one split that holds the target column
     zc_ptr,  # (N,) fp32 out: <CALL> logit, stored by the one split that holds call_id
-    N, V, D, call_id, n_splits, stride_h, stride_w,
+    z_ptr,  # (N, V) out, input dtype: the logits, row stride stride_z (only with STORE_Z)
+    N, V, D, call_id, n_splits, stride_h, stride_w, stride_z,
+    STORE_Z: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -141,6 +169,9 @@ def _lacy_ce_fwd_kernel(
         col_ok = cols < v_end
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
         z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
+        if STORE_Z:  # the statistics keep the fp32 tile; the stored copy is rounded to the input dtype
+            z_ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
+            tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         z_c += tl.sum(tl.where(cols[None, :] == call_id, z, 0.0), axis=1)
         z = tl.where(col_ok[None, :] & (cols[None, :] != call_id), z, float("-inf"))
@@ -157,14 +188,16 @@ def _lacy_ce_fwd_kernel(
 
 @triton.jit
 def _lacy_ce_dlogits_kernel(
-    h_ptr,  # (C, D) hidden states of this chunk of rows, row stride stride_h
-    w_ptr,  # (V, D) output head, row stride stride_w
-    lse_ptr,  # (C,) fp32 row log-normaliser: lse for CALL and plain-CE rows, lse_nc otherwise
-    tgt_ptr,  # (C,) int64 row target: call_id for CALL rows, -1 for rows without loss
-    coef_ptr,  # (C,) fp32 row weight: d loss / d row loss (0 for rows without loss)
-    dz_ptr,  # (C, V) out, input dtype: d loss / d logits, row stride stride_dz
-    C, V, D, call_id, stride_h, stride_w, stride_dz,
-    PLAIN: tl.constexpr,  # strategy "none": every row's softmax includes <CALL>
+    dz_ptr,  # (C, V) input dtype, row stride stride_dz: out d loss / d logits; in: the logits (LOGITS_IN)
+    h_ptr,  # (C, D) hidden states of these rows, row stride stride_h (read unless LOGITS_IN)
+    w_ptr,  # (V, D) output head, row stride stride_w (read unless LOGITS_IN)
+    lse_ptr,  # (C,) fp32 log-sum-exp of each row over v != CALL
+    a_ptr,  # (C,) fp32 row coefficients: dz = a exp(z - lse) [v != CALL] + c [v == CALL] + b [v == y]
+    b_ptr,
+    c_ptr,
+    tgt_ptr,  # (C,) int64 row target y, in [0, V)
+    C, V, D, call_id, stride_dz, stride_h, stride_w,
+    LOGITS_IN: tl.constexpr,  # True: the chunk's logits are in dz (step 1); False: recompute them (step 3)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -174,20 +207,26 @@ def _lacy_ce_dlogits_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < C
     col_ok = cols < V
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
+    dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if LOGITS_IN:
+        z = tl.load(dz_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+        z = _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
+        # The rounding step 1's stored logits had, so a correction cancels what step 1 added.
+        z = z.to(dz_ptr.dtype.element_ty).to(tl.float32)
 
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
+    b = tl.load(b_ptr + rows, mask=row_ok, other=0.0)
+    c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    if not PLAIN:  # an ordinary row's softmax excludes <CALL>; a CALL row's includes it
-        drop = (cols[None, :] == call_id) & (tgt[:, None] != call_id)
-        p = tl.where(drop, 0.0, p)
-    dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * coef[:, None]
-    dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    is_call = cols[None, :] == call_id
+    e = tl.where(is_call, 0.0, tl.exp(z - lse[:, None]))
+    dz = a[:, None] * e + tl.where(is_call, c[:, None], 0.0) + tl.where(cols[None, :] == tgt[:, None], b[:, None], 0.0)
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -246,10 +285,12 @@ def _interpreted() -> bool:
 # - fp32 inputs halve BLOCK_D so a stage stays the same size.
 # Checked without a GPU (tests/test_lacy_ce_compile.py compiles for sm_90a and sm_80 and
 # reads ptxas -v): 16-bit tiles are pipelined (cp.async, 4 buffers = 128 KiB on sm_90a,
-# wgmma), the forward uses 254-255 registers a thread (one CTA per SM, like a GEMM), the
-# dlogits and weight-gradient kernels 128-186, and nothing spills. fp32 tiles run on FMA
-# units ("ieee", torch's default) or TF32 mma and the forward spills a few dozen bytes:
-# fp32 is for checking, bf16 for training. Speed is unmeasured: no GPU was at hand.
+# wgmma), the statistics kernel uses 254-255 registers a thread with or without the logit
+# store (one CTA per SM, like a GEMM), the recomputing dlogits kernel 128-176, the one
+# reading stored logits ~150 (elementwise), the weight-gradient GEMM 182-186, and nothing
+# spills. fp32 tiles run on FMA units ("ieee", torch's default) or TF32 mma and the
+# statistics kernel spills up to ~220 bytes: fp32 is for checking, bf16 for training.
+# Speed is unmeasured: no GPU was at hand.
 # The interpreter runs one program at a time in numpy: small tiles there make the tests
 # walk every loop (several row blocks, vocabulary tiles, D steps, splits) at tiny shapes.
 _LOGIT_TILES = {
@@ -326,10 +367,57 @@ def _tiles(table: dict, tensor: torch.Tensor) -> tuple[int, ...]:
     return table[_target(tensor.device)][4 if tensor.element_size() == 4 else 2]
 
 
+
+def _fwd_splits(rows: int, vocab: int, tiles: tuple[int, ...], device: torch.device) -> int:
+    """Vocabulary splits of the statistics kernel: enough programs for about _WAVES per SM."""
+    return max(1, min(triton.cdiv(_WAVES * _num_sms(device), triton.cdiv(rows, tiles[0])),
+                      triton.cdiv(vocab, tiles[1])))
+
+
+def _launch_fwd(h, w, targets, call_id, m, s, z_target, z_call, z, n_splits) -> None:
+    """The statistics kernel over the rows of ``h``; also writes their logits into ``z``
+    unless it is None. m, s: (n_splits, rows) contiguous fp32."""
+    n, d = h.shape
+    vocab = w.shape[0]
+    store = z is not None
+    _launch(_lacy_ce_fwd_kernel, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), _tiles(_LOGIT_TILES, h),
+            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,),
+            (h, w, targets, m, s, z_target, z_call, z if store else m, n, vocab, d, call_id, n_splits,
+             h.stride(0), w.stride(0), z.stride(0) if store else 0),
+            {"STORE_Z": store, **_dot_consts(h.dtype)},
+            key=["N", "V", "D"], tune_list="logits")
+
+
+def _launch_dlogits(dz, h, w, lse, a, b, c, targets, call_id) -> None:
+    """dz = a exp(z - lse) [v != CALL] + c [v == CALL] + b [v == y], one row per row of dz;
+    z is dz's content on entry when ``h`` is None, else recomputed from h and w."""
+    rows, vocab = dz.shape
+    d = w.shape[1]
+    logits_in = h is None
+    _launch(_lacy_ce_dlogits_kernel, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), _tiles(_LOGIT_TILES, dz),
+            lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),),
+            (dz, w if logits_in else h, w, lse, a, b, c, targets, rows, vocab, d, call_id, dz.stride(0),
+             w.stride(0) if logits_in else h.stride(0), w.stride(0)),
+            {"LOGITS_IN": logits_in, "GROUP_N": _GROUP, **_dot_consts(dz.dtype)},
+            key=["V", "D"], tune_list="logits", restore_value=["dz_ptr"])
+
+
+def _launch_gemm_tn_acc(a, b, c) -> None:
+    """c += a^T @ b: a (K, M) and b (K, P) in the input dtype, c (M, P) fp32."""
+    k, m = a.shape
+    p = b.shape[1]
+    _launch(_matmul_tn_acc_kernel, ("BLOCK_M", "BLOCK_P", "BLOCK_K"), _tiles(_GEMM_TILES, a),
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),),
+            (a, b, c, k, m, p, a.stride(0), b.stride(0), c.stride(0)),
+            {"GROUP_M": _GROUP, **_dot_consts(a.dtype)},
+            key=["M", "P"], tune_list="gemm", restore_value=["c_ptr"])
+
+
 def row_stats_triton(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_nc, z_call, z_target), each (N,) fp32, without writing any logits.
+    """(lse_nc, z_call, z_target), each (N,) fp32, without writing any logits: the forward
+    when no gradient is wanted (targets in [0, V)).
 
     Napkin math (N rows, D width, V vocabulary, e bytes per input element):
       FLOPs      2 N V D for the logit tiles (tensor cores) + ~6 N V for the epilogue
@@ -347,96 +435,126 @@ def row_stats_triton(
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    device = hidden.device
     h, w = hidden.contiguous(), weight.contiguous()
-    tiles = _tiles(_LOGIT_TILES, h)
     # Splits are fixed before autotuning picks tiles (the partial buffers depend on them);
     # the kernel spreads whole vocabulary tiles over them, leaving late splits empty if needed.
-    n_splits = max(1, min(triton.cdiv(_WAVES * _num_sms(device), triton.cdiv(n, tiles[0])),
-                          triton.cdiv(vocab, tiles[1])))
-    m = torch.empty((n_splits, n), dtype=torch.float32, device=device)
+    n_splits = _fwd_splits(n, vocab, _tiles(_LOGIT_TILES, h), h.device)
+    m = torch.empty((n_splits, n), dtype=torch.float32, device=h.device)
     s = torch.empty_like(m)
-    z_target = torch.zeros(n, dtype=torch.float32, device=device)
+    z_target = torch.zeros(n, dtype=torch.float32, device=h.device)
     z_call = torch.zeros_like(z_target)
     if n:
-        _launch(_lacy_ce_fwd_kernel, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), tiles,
-                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,),
-                (h, w, targets, m, s, z_target, z_call, n, vocab, d, call_id, n_splits, h.stride(0), w.stride(0)),
-                _dot_consts(h.dtype),
-                key=["N", "V", "D"], tune_list="logits")
+        _launch_fwd(h, w, targets, call_id, m, s, z_target, z_call, None, n_splits)
     lse_nc = torch.logsumexp(m + torch.log(s), dim=0)  # (N,) combine the splits; log(0) = -inf is fine
     return lse_nc, z_call, z_target
 
 
-def grads_triton(
-    grad_loss: torch.Tensor,  # () upstream gradient of the loss
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    row_lse: torch.Tensor,
-    row_target: torch.Tensor,
-    row_coef: torch.Tensor,
+def ordinary_triton(
+    hidden: torch.Tensor,  # (N, D)
+    weight: torch.Tensor,  # (V, D)
+    targets: torch.Tensor,  # (N,) int64 in [0, V)
+    coef: torch.Tensor,  # (N,) fp32 d loss / d row loss (0 for rows without loss)
     call_id: int,
     plain: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight), recomputing the logits one chunk of rows at a time.
+    to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
+    plain_ce: bool = False,  # strategy none (the chunked backend's shortcut; the kernels need none)
+) -> tuple[torch.Tensor, ...]:
+    """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
 
-    Per chunk of C rows: the dlogits kernel recomputes the (C, V) logit tiles and writes
-    dz in the input dtype; grad_hidden[chunk] = dz @ W (cuBLAS, fp32 accumulation, written
-    once); grad_weight += dz^T @ h_chunk (Triton, fp32 accumulator). Why a dz buffer and
-    not atomics: fusing both products into the dlogits kernel needs fp32 atomic adds of
-    N D V / BLOCK_V + V D N / BLOCK_N elements (8.4e9 at N = 16384, D = 1024, V = 32064,
-    128 x 128 tiles: ~34 GB of L2 atomic traffic) beside 2.2 TFLOP of useful matmul; a
-    chunk of dz costs C V e bytes written once and read twice instead, runs both products
-    as plain GEMMs, and is deterministic (no atomic ordering).
+    Per chunk of C rows: the statistics kernel computes the logit tiles and writes them
+    (input dtype) beside the row statistics; the dlogits kernel turns them in place into
+    the ordinary dz (``ordinary_coefs``); grad_hidden[chunk] = dz @ W (cuBLAS, fp32
+    accumulation, written once, input dtype); grad_weight += dz^T @ h_chunk (Triton, fp32
+    accumulator). The statistics use the fp32 tiles; dz sees the logits rounded to the
+    input dtype, as a PyTorch LM head's logits are. Why a logits buffer and not a fused
+    epilogue: dz needs the row's log-sum-exp over the whole vocabulary, which no tile has
+    when it is computed; and fusing both gradient products into one kernel needs fp32
+    atomics (~34 GB of L2 traffic at N = 16384, D = 1024, V = 32064) beside plain GEMMs.
 
     Napkin math (N, D, V, e as in ``row_stats_triton``; C rows per chunk):
-      FLOPs      6 N V D: recompute, dz @ W, dz^T @ h (3 x 1.08 TFLOP at N = 16384, D = 1024)
-      HBM bytes  dz: 3 N V e (write + two reads: 3.2 GB at N = 16384 in bf16, ~1 ms);
+      FLOPs      6 N V D: logits, dz @ W, dz^T @ h (3 x 1.08 TFLOP at N = 16384, D = 1024,
+                 ~4.6 ms at 700 TFLOP/s of bf16); the two-pass algorithm this replaced
+                 recomputed the logits in the backward, 8 N V D.
+      HBM bytes  the chunk's logits/dz: 5 N V e (written by the statistics kernel, read and
+                 written by the dlogits kernel, read by both products): 5.3 GB at N = 16384
+                 in bf16, ~1.6 ms at 3.3 TB/s, partly under the GEMMs of other chunks;
                  grad_weight accumulator: 8 V D per chunk (read + write);
                  operands: (C D + V D) e per chunk and product.
-      memory     C V e (dz chunk) + 4 V D (fp32 accumulator) + the outputs; C V ~ max(N, V) D
+      memory     C V e (the chunk) + 4 V D (fp32 accumulator) + the outputs; C V ~ max(N, V) D
                  (``chunk_rows``), so the extra memory is O(N D + V D), never O(N V).
+      launches   5 per chunk (statistics, split combine, dlogits, two products) + a few
+                 row-sized torch ops; N / C = 26 chunks at N = 16384, D = 1024.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
     h, w = hidden.contiguous(), weight.contiguous()
-    dot = _dot_consts(h.dtype)
-    row_w = (row_coef * grad_loss).to(torch.float32)  # (N,)
-    grad_hidden = torch.empty_like(h)
-    grad_weight = torch.zeros((vocab, d), dtype=torch.float32, device=h.device)
+    device = h.device
     step = chunk_rows(n, d, vocab)
-    dz = torch.empty((min(step, n), vocab), dtype=h.dtype, device=h.device)  # reused by every chunk
+    c_max = min(step, n)
+    n_splits = _fwd_splits(c_max, vocab, _tiles(_LOGIT_TILES, h), device)
+    split_stats = torch.empty(2 * n_splits * c_max, dtype=torch.float32, device=device)  # one chunk's m and s
+    z = torch.empty((c_max, vocab), dtype=h.dtype, device=device)  # one chunk's logits, then its dz
+    lse_nc = torch.empty(n, dtype=torch.float32, device=device)
+    z_call = torch.zeros_like(lse_nc)
+    z_target = torch.zeros_like(lse_nc)
+    grad_hidden = torch.empty_like(h)
+    grad_weight = torch.zeros((vocab, d), dtype=torch.float32, device=device)
     for start in range(0, n, step):
         rows = min(step, n - start)
-        hc, dzc = h[start:start + rows], dz[:rows]
-        _launch(_lacy_ce_dlogits_kernel, ("BLOCK_N", "BLOCK_V", "BLOCK_D"), _tiles(_LOGIT_TILES, h),
-                lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),),  # noqa: B023
-                (hc, w, row_lse[start:], row_target[start:], row_w[start:], dzc,
-                 rows, vocab, d, call_id, hc.stride(0), w.stride(0), dzc.stride(0)),
-                {"PLAIN": plain, "GROUP_N": _GROUP, **dot},
-                key=["V", "D"], tune_list="logits")
-        torch.mm(dzc, w, out=grad_hidden[start:start + rows])
-        _launch(_matmul_tn_acc_kernel, ("BLOCK_M", "BLOCK_P", "BLOCK_K"), _tiles(_GEMM_TILES, h),
-                lambda meta: (triton.cdiv(vocab, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_P"]),),
-                (dzc, hc, grad_weight, rows, vocab, d, dzc.stride(0), hc.stride(0), grad_weight.stride(0)),
-                {"GROUP_M": _GROUP, **dot},
-                key=["M", "P"], tune_list="gemm", restore_value=["c_ptr"])
-    return grad_hidden, grad_weight.to(weight.dtype)
+        part = slice(start, start + rows)
+        hc, zc = h[part], z[:rows]
+        m = split_stats[:n_splits * rows].view(n_splits, rows)
+        s = split_stats[n_splits * c_max:n_splits * (c_max + rows)].view(n_splits, rows)
+        _launch_fwd(hc, w, targets[part], call_id, m, s, z_target[part], z_call[part], zc, n_splits)
+        lse_nc[part] = torch.logsumexp(m + torch.log(s), dim=0)
+        a, b, c = ordinary_coefs(lse_nc[part], z_call[part], coef[part], plain,
+                                 None if to_call is None else to_call[part])
+        _launch_dlogits(zc, None, w, lse_nc[part], a, b, c, targets[part], call_id)
+        torch.mm(zc, w, out=grad_hidden[part])
+        _launch_gemm_tn_acc(zc, hc, grad_weight)
+    return lse_nc, z_call, z_target, grad_hidden, grad_weight
+
+
+def delta_weight_triton(
+    hidden: torch.Tensor,  # (k, D) the selected rows' hidden states
+    weight: torch.Tensor,  # (V, D)
+    targets: torch.Tensor,  # (k,) int64 in [0, V)
+    lse_nc: torch.Tensor,  # (k,) fp32 from step 1
+    a: torch.Tensor,  # (k,) fp32 coefficients of dz
+    b: torch.Tensor,
+    c: torch.Tensor,
+    call_id: int,
+    grad_weight: torch.Tensor,  # (V, D) fp32 accumulator, updated in place
+) -> None:
+    """grad_weight += dz^T @ hidden for the selected rows (step 3): the dlogits kernel
+    recomputes their logits, one chunk at a time, then the fp32-accumulating GEMM.
+
+    Napkin math: 4 k V D FLOPs (2 k / N GEMM units: k = 2458 of N = 16384 for ``lacy`` at
+    25% facts, 0.3 units, ~0.5 ms at 700 TFLOP/s of bf16) and 3 k V e bytes of dz.
+    """
+    k, d = hidden.shape
+    vocab = weight.shape[0]
+    h, w = hidden.contiguous(), weight.contiguous()
+    step = chunk_rows(k, d, vocab)
+    dz = torch.empty((min(step, k), vocab), dtype=h.dtype, device=h.device)
+    for start in range(0, k, step):
+        rows = min(step, k - start)
+        part = slice(start, start + rows)
+        hc, dzc = h[part], dz[:rows]
+        _launch_dlogits(dzc, hc, w, lse_nc[part], a[part], b[part], c[part], targets[part], call_id)
+        _launch_gemm_tn_acc(dzc, hc, grad_weight)
+
+
+TRITON = types.SimpleNamespace(row_stats=row_stats_triton, ordinary=ordinary_triton, delta_weight=delta_weight_triton)
 
 
 # ----------------------------------------------------------------------------------------
-# 3. The ops: torch.library custom ops with fake implementations and autograd
+# 3. The op: a torch.library custom op with a fake implementation and autograd
 # ----------------------------------------------------------------------------------------
 
 
-def _row_stats(hidden, weight, targets, call_id, impl):
-    if impl == "triton":
-        return row_stats_triton(hidden, weight, targets, call_id)
-    return row_stats_chunked(hidden, weight, targets, call_id)
-
-
-@torch.library.custom_op("lacy_fast::lacy_ce_fwd", mutates_args=())
-def _lacy_ce_fwd(
+@torch.library.custom_op("lacy_fast::lacy_ce", mutates_args=())
+def _lacy_ce(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -446,61 +564,44 @@ def _lacy_ce_fwd(
     strategy: str,
     call_fraction: float,
     ignore_index: int,
+    renormalize: bool,
+    bound: int,
+    grads: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, nll, is_call, p_call, row_lse, row_target, row_coef); the last three feed the backward."""
-    lse_nc, z_call, z_target = _row_stats(hidden, weight, targets, call_id, impl)
-    return finish_rows(lse_nc, z_call, z_target, targets, flags, weight.shape[0], call_id, strategy,
-                       call_fraction, ref_nll, ignore_index)
+    """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale): the forward, with
+    the gradients of the loss when ``grads`` (else empty), see ``lacy_ce_one_pass``."""
+    return lacy_ce_one_pass(TRITON if impl == "triton" else CHUNKED, hidden, weight, targets, flags, ref_nll,
+                            call_id, strategy, call_fraction, ignore_index, renormalize, bound, grads)
 
 
-@_lacy_ce_fwd.register_fake
-def _(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, ignore_index, impl):
+@_lacy_ce.register_fake
+def _(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, ignore_index, renormalize, bound,
+      grads, impl):
     n = hidden.shape[0]
     sdt = stat_dtype(hidden.dtype)
     row = hidden.new_empty(n, dtype=sdt)
+    grad_hidden = hidden.new_empty(hidden.shape if grads else (0,))
+    grad_weight = weight.new_empty(weight.shape if grads else (0,))
     return (hidden.new_empty((), dtype=sdt), row, hidden.new_empty(n, dtype=torch.bool), row.clone(),
-            row.clone(), hidden.new_empty(n, dtype=torch.int64), row.clone())
-
-
-@torch.library.custom_op("lacy_fast::lacy_ce_bwd", mutates_args=())
-def _lacy_ce_bwd(
-    grad_loss: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    row_lse: torch.Tensor,
-    row_target: torch.Tensor,
-    row_coef: torch.Tensor,
-    call_id: int,
-    plain: bool,
-    impl: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight) in the input dtypes."""
-    grads = grads_triton if impl == "triton" else grads_chunked
-    return grads(grad_loss, hidden, weight, row_lse, row_target, row_coef, call_id, plain)
-
-
-@_lacy_ce_bwd.register_fake
-def _(grad_loss, hidden, weight, row_lse, row_target, row_coef, call_id, plain, impl):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+            grad_hidden, grad_weight, hidden.new_empty((), dtype=sdt))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, _, _, _, call_id, strategy, _, _, impl = inputs
-    _, nll, _, p_call, row_lse, row_target, row_coef = output
-    ctx.save_for_backward(hidden, weight, row_lse, row_target, row_coef)
-    ctx.call_id, ctx.plain, ctx.impl = call_id, strategy == "none", impl
-    ctx.mark_non_differentiable(nll, p_call, row_lse, row_coef)  # the stats are not differentiated
+    _, nll, _, p_call, grad_hidden, grad_weight, grad_scale = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_scale)
+    ctx.mark_non_differentiable(nll, p_call, grad_hidden, grad_weight, grad_scale)
 
 
 def _backward(ctx, grad_loss, *_):
-    hidden, weight, row_lse, row_target, row_coef = ctx.saved_tensors
-    grad_hidden, grad_weight = _lacy_ce_bwd(grad_loss, hidden, weight, row_lse, row_target, row_coef,
-                                            ctx.call_id, ctx.plain, ctx.impl)
-    return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+    grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
+    scale = grad_loss.to(grad_scale.dtype) * grad_scale  # NaN when the selection bound was exceeded
+    return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
+            grad_weight * scale if ctx.needs_input_grad[1] else None,
+            *[None] * 11)
 
 
-_lacy_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+_lacy_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -523,6 +624,8 @@ def lacy_linear_cross_entropy(
     ref_nll: torch.Tensor | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    renormalize: bool = True,
+    max_selected: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LM head + LaCy loss without an (N, V) logits buffer (except ``impl="torch"``).
 
@@ -538,25 +641,39 @@ def lacy_linear_cross_entropy(
     impl     "triton" (CUDA; CPU only under TRITON_INTERPRET=1), "chunked" (PyTorch, chunked
              over tokens), "torch" (materialised reference), "auto" (triton on CUDA when
              importable, else chunked).
+    renormalize  True (the paper): targets that stay are scored on the softmax without
+             <CALL>, renormalised; False: by plain cross-entropy over the full vocabulary,
+             so every one of them pushes p(CALL) down. ``none`` is plain CE either way.
+    max_selected  a host-side upper bound on the number of positions the strategy selects
+             in this batch (``selection_bound(count, N)`` when the count is known on the
+             host, as in training); None: floor(call_fraction N) (correct, slower). Used by
+             the ranked strategies (lacy, loss, rho, ignore); if the batch selects more,
+             the loss and gradients are NaN. Ignored by ``impl="torch"``.
 
     Returns (loss, stats): loss is a float32 scalar, the mean over counted positions (0 with
     zero gradients when none is counted), differentiable w.r.t. hidden and weight; stats
     holds (N,) tensors "nll" (float32, -log(p(y) / (1 - p(CALL))), 0 without a target),
     "is_call" (bool, the selected positions; for "ignore" the dropped ones) and "p_call"
-    (float32, p(CALL) under the full softmax), all detached. No host synchronisation: the
-    op runs inside CUDA graphs and under torch.compile(fullgraph=True).
+    (float32, p(CALL) under the full softmax), all detached. When a gradient is wanted
+    (grad mode on and hidden or weight requiring it) the gradients are computed in the
+    forward and kept for the backward. No host synchronisation: the op runs inside CUDA
+    graphs and under torch.compile(fullgraph=True).
     """
-    impl = _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl)
+    impl = _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,
+                       max_selected)
     if impl == "torch":
         return lacy_ce_torch(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll,
-                             ignore_index)
-    loss, nll, is_call, p_call, *_ = _lacy_ce_fwd(hidden, weight, targets, flags,
-                                                  ref_nll if strategy == "rho" else None, call_id, strategy,
-                                                  float(call_fraction), ignore_index, impl)
+                             ignore_index, renormalize)
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    bound = static_bound(strategy, call_fraction, hidden.shape[0]) if max_selected is None else max_selected
+    loss, nll, is_call, p_call, *_ = _lacy_ce(hidden, weight, targets, flags, ref_nll if strategy == "rho" else None,
+                                              call_id, strategy, float(call_fraction), ignore_index, renormalize,
+                                              bound, grads, impl)
     return loss, {"nll": nll, "is_call": is_call, "p_call": p_call}
 
 
-def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl) -> str:
+def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,
+                max_selected) -> str:
     """Host-side checks of arguments and shapes (never of data); returns the resolved impl."""
     def fail(message: str):
         raise LacyLossArgumentError(message)
@@ -567,6 +684,11 @@ def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction
         fail(f"impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
     if not 0.0 <= float(call_fraction) <= 1.0:
         fail(f"call_fraction is {call_fraction!r}; it must lie in [0, 1]")
+    if not isinstance(renormalize, bool):
+        fail(f"renormalize must be True or False; got {renormalize!r}")
+    if max_selected is not None and (isinstance(max_selected, bool) or not isinstance(max_selected, (int, torch.SymInt))
+                                     or (isinstance(max_selected, int) and max_selected < 0)):
+        fail(f"max_selected must be None or a host-side int >= 0 (not a tensor); got {max_selected!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         fail(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N, D) and (V, D); "
              "flatten the batch and sequence dimensions of hidden")

@@ -1,17 +1,18 @@
-"""Pure-PyTorch pieces of the LaCy LM-head loss: selection, the reference, the chunked path.
+"""Pure-PyTorch pieces of the LaCy LM-head loss: selection, the reference, the one-pass
+algorithm and its chunked PyTorch backend.
 
 Everything here runs on any device and never synchronises with the host: counts, the
 selection budget ``k`` and the mean's denominator stay tensors; the only Python branches
-are on arguments (strategy, dtype, shapes), never on data.
+are on arguments (strategy, dtype, shapes, the host-side selection bound), never on data.
 
 - ``select_calls``: which positions become <CALL> (shared by every implementation).
 - ``lacy_ce_torch``: the plain, obviously-correct reference. It materialises the (N, V)
   logits and lets autograd differentiate; the tests run it in fp64 as the ground truth
   and in the test dtype as the error yardstick, the benchmark runs it as the baseline.
-- ``row_stats_chunked`` / ``grads_chunked``: the CPU training path. Chunked over tokens so
-  no (N, V) buffer exists; the gradient is written by hand (formula in ``finish_rows``).
+- ``lacy_ce_one_pass``: the algorithm of the fused implementations (below), written once
+  over a backend: ``CHUNKED`` here (the CPU training path), the Triton one in lacy_ce.py.
 - ``finish_rows``: from the per-row statistics every fused path produces (``lse_nc``,
-  ``z_call``, ``z_target``) to the loss, the stats and what the backward needs.
+  ``z_call``, ``z_target``) to the loss and the stats.
 
 Semantics (docs/method.md), decided details marked (*):
 - valid = target != ignore_index, and (*) 0 <= target < V and target != call_id
@@ -21,17 +22,69 @@ Semantics (docs/method.md), decided details marked (*):
   the data bypass the selection budget the strategies are compared at. Out-of-range
   targets are dropped the same way instead of reading out of bounds (a device-side check
   would need a host synchronisation).
-- nll = lse_nc - z_y on valid positions, 0 elsewhere; p_call = exp(z_call - lse) on every
-  position (it does not depend on the target).
+- nll = lse_nc - z_y on valid positions, 0 elsewhere: the renormalised nll, <CALL>
+  excluded. p_call = exp(z_call - lse) on every position (it does not depend on the target).
 - is_call = the selected positions. For ``ignore`` those are the dropped ones: they get no
   loss and leave the count. For ``none`` nothing is selected.
+- A selected position's loss is -log p(CALL) under the full softmax. Every other counted
+  position's loss is, with ``renormalize=True`` (the paper), the renormalised nll; with
+  ``renormalize=False`` the plain cross-entropy over the full vocabulary, lse - z_y, so
+  it pushes p(CALL) down. ``none`` is plain cross-entropy either way.
+- (*) Selection ranks by the renormalised nll under both settings: a position is chosen
+  for what the model knows of its target among real tokens, never for its current
+  p(CALL) (ranking by lse - z_y would select where p(CALL) is already high and push it
+  higher still). The ``nll`` stat is that same renormalised nll.
 - loss = sum of per-position losses / max(count, 1): exactly 0, with zero gradients, when
   nothing is counted.
 - The stats are not differentiated through (they come back detached).
+
+The one-pass algorithm (``lacy_ce_one_pass``). Selection needs every row's nll, but the
+gradients need not wait for it:
+1. In one pass over chunks of rows, each chunk's logits give the row statistics *and* the
+   gradients of every valid row as if no row were selected ("ordinary" rows): d loss /
+   d z = coef * (q - onehot(y)) with q the softmax without <CALL> (renormalize=True), or
+   coef * (p - onehot(y)) with p the full softmax (renormalize=False, and ``none``);
+   coef = 1 / count. Three GEMM-sized products per chunk: logits, dz @ W, dz^T @ h.
+2. Selection on device (``select_calls``), from the statistics.
+3. An exact correction of only the selected rows. Write p_c = p(CALL), q the renormalised
+   softmax of a row, h its hidden state, W[v] a row of the head. For a row that becomes
+   <CALL>, dz changes by coef * (p - onehot(CALL) - q + onehot(y)), which is
+   -p_c q on the non-CALL columns, -(1 - p_c) on the CALL column, +1 on the target column:
+     grad_hidden   dh_sel = (1 - p_c) (dh_ordinary + coef (W[y] - W[CALL])), from values at
+                   hand, no recomputation (p @ W = (1 - p_c) q @ W + p_c W[CALL]);
+     grad_weight   += delta^T h over the selected rows: their logits are recomputed (k x V
+                   x D) and one k x V x D product adds the change.
+   With renormalize=False an ordinary row already uses p, so the change is the one-hot part
+   alone: dh_sel = dh_ordinary + coef (W[y] - W[CALL]) and grad_weight gets +coef h at row
+   y and -coef h at row CALL: no recomputation at all. For ``ignore`` a selected row's
+   contribution is removed instead (its dh is zero; grad_weight recomputes its dz and
+   subtracts it). For ``none``, no correction. ``spacy`` and ``judge`` select by the
+   flags, known before any logit: step 1 gives their selected rows the <CALL> gradient
+   directly, and there is nothing to correct.
+   Cost: 3 + 2k/N GEMM units (k/N ~ 0.15 for ``lacy`` at call_fraction 0.6 and 25% fact
+   targets) where a two-pass algorithm costs 4; 3 for none, spacy and judge.
+The count's denominator is known before any logit: ``selection_size`` is fixed by the
+flags and the valid targets, not by the scores, so coef is final in step 1.
+
+How many rows the correction handles, ``bound``, is a host int: the correction's shapes
+depend on it and reading the device's count would synchronise. The op takes it as an
+argument (``max_selected`` of the public function) and checks it on device: if more rows
+were selected than ``bound``, the loss and every gradient are NaN, never silently wrong.
+Without a hint the bound is the most the strategy can select (``static_bound``:
+floor(call_fraction N)), correct but slower. The training loop knows the count on the host
+before the batch is copied to the device (``selected_count`` from the loader's n_valid /
+n_facts / n_judge) and passes ``selection_bound(count, N)``: the count rounded up to a
+bucket of N/128 rows (at least 16), so the int that reaches a compiled graph takes few
+distinct values (torch.compile guards on an int argument and recompiles when it changes;
+with automatic dynamic shapes it recompiles once, then treats it as symbolic; CUDA graphs
+record one graph per value) at a cost of under N/128 extra corrected rows (under 1/64 GEMM
+unit).
 """
 from __future__ import annotations
 
+import math
 import os
+import types
 
 import torch
 
@@ -43,6 +96,8 @@ from lacy_fast.method import FLAG_FACT, FLAG_JUDGE, RANK_FACTS, RANKED, STRATEGI
 # as the larger of hidden (N x D) and weight (V x D): the extra memory stays O(N*D + V*D)
 # while each chunk's matmuls stay large enough to run at full speed.
 CHUNK_ROWS_ENV = "LACY_FAST_CE_CHUNK_ROWS"  # a fixed number of rows per chunk (tests, tuning)
+BOUND_BUCKETS = 128  # selection_bound rounds a count up to a multiple of N / BOUND_BUCKETS rows
+BOUND_MIN_BUCKET = 16
 
 
 def chunk_rows(n: int, d: int, v: int, multiple: int = 128) -> int:
@@ -65,6 +120,27 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------
 
 
+def _candidates(strategy: str, valid: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the positions a strategy selects from (all of them for spacy and judge)."""
+    if strategy in RANK_FACTS or strategy == "spacy":
+        return valid & ((flags & FLAG_FACT) != 0)
+    if strategy == "judge":
+        return valid & ((flags & FLAG_JUDGE) != 0)
+    return valid
+
+
+def selection_size(strategy: str, valid: torch.Tensor, flags: torch.Tensor, call_fraction: float) -> torch.Tensor:
+    """() int64 on device: how many positions ``select_calls`` selects. It depends on the
+    flags and the valid targets only, never on the scores."""
+    if strategy == "none":
+        return torch.zeros((), dtype=torch.int64, device=valid.device)
+    count = _candidates(strategy, valid, flags).sum()
+    if strategy in RANKED:
+        # float64 so that floor() sees the same product Python's float would (0.6 * 10 == 6.0).
+        return torch.floor(count.double() * call_fraction).long()
+    return count
+
+
 def select_calls(
     strategy: str,
     nll: torch.Tensor,  # (N,) float: current renormalised nll (0 where invalid)
@@ -81,22 +157,42 @@ def select_calls(
     nll = nll.detach()
     if strategy == "none":
         return torch.zeros_like(valid)
-    facts = valid & ((flags & FLAG_FACT) != 0)
-    if strategy == "spacy":
-        return facts
-    if strategy == "judge":
-        return valid & ((flags & FLAG_JUDGE) != 0)
-    candidates = facts if strategy in RANK_FACTS else valid
+    candidates = _candidates(strategy, valid, flags)
+    if strategy not in RANKED:
+        return candidates
     score = nll.double()
     if strategy == "rho":
         score = score - ref_nll.detach().double()
     score = torch.where(candidates, score, float("-inf"))
-    # float64 so that floor() sees the same product Python's float would (0.6 * 10 == 6.0).
-    k = torch.floor(candidates.sum().double() * call_fraction).long()
+    k = selection_size(strategy, valid, flags, call_fraction)
     order = torch.argsort(score, descending=True, stable=True)  # (N,) positions, best first
     in_top_k = torch.arange(score.numel(), device=score.device) < k  # (N,) by rank
     selected = torch.zeros_like(candidates).scatter(0, order, in_top_k)
     return candidates & selected
+
+
+# ----------------------------------------------------------------------------------------
+# The selection bound, on the host
+# ----------------------------------------------------------------------------------------
+
+
+def static_bound(strategy: str, call_fraction: float, n_rows: int) -> int:
+    """The most rows the correction of ``strategy`` can have among ``n_rows``, from the
+    arguments alone: floor(call_fraction * n_rows) for the ranked strategies; 0 for none,
+    spacy and judge (their selection is known before any logit and needs no correction)."""
+    if strategy in RANKED:
+        return min(n_rows, math.floor(n_rows * call_fraction))
+    return 0
+
+
+def selection_bound(count: int, n_rows: int) -> int:
+    """A host-side selection count rounded up to a bucket of ``n_rows / 128`` rows (at least
+    16), at most ``n_rows``: the ``max_selected`` to pass for a batch of ``n_rows`` whose
+    count is known on the host (the module docstring says why buckets)."""
+    if count <= 0:
+        return 0
+    bucket = max(BOUND_MIN_BUCKET, -(-n_rows // BOUND_BUCKETS))
+    return min(n_rows, -(-count // bucket) * bucket)
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,11 +210,15 @@ def lacy_ce_torch(
     call_fraction: float = 0.6,
     ref_nll: torch.Tensor | None = None,
     ignore_index: int = -100,
+    renormalize: bool = True,
+    selected: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The LaCy loss written the obvious way, over materialised (N, V) logits.
 
     The matmul runs in the input dtype (as a PyTorch training step would), everything
-    after it in fp32 (fp64 for fp64 inputs).
+    after it in fp32 (fp64 for fp64 inputs). ``selected``: (N,) bool, a selection to use
+    instead of ``select_calls``'s (to check another implementation's loss and gradients
+    given its own selection where near-ties at the k-th score make rounding decide it).
     """
     sdt = stat_dtype(hidden.dtype)
     vocab = weight.shape[0]
@@ -129,13 +229,13 @@ def lacy_ce_torch(
     no_call = torch.ones(vocab, dtype=torch.bool, device=logits.device)
     no_call[call_id] = False
     log_p_nc = torch.log_softmax(logits.masked_fill(~no_call, float("-inf")), dim=-1)  # (N, V)
-    nll = torch.where(valid, -log_p_nc.gather(1, y[:, None])[:, 0], 0.0)  # (N,)
+    nll = torch.where(valid, -log_p_nc.gather(1, y[:, None])[:, 0], 0.0)  # (N,) renormalised
+    full_nll = -log_p.gather(1, y[:, None])[:, 0]  # (N,) plain cross-entropy
     call_nll = -log_p[:, call_id]  # (N,)
-    selected = select_calls(strategy, nll, valid, flags, call_fraction, ref_nll)
-    if strategy == "none":
-        per_row = -log_p.gather(1, y[:, None])[:, 0]
-    else:
-        per_row = torch.where(selected, call_nll, nll)
+    if selected is None:
+        selected = select_calls(strategy, nll, valid, flags, call_fraction, ref_nll)
+    ordinary = full_nll if strategy == "none" or not renormalize else nll
+    per_row = torch.where(selected, call_nll, ordinary)
     counted = valid & ~selected if strategy == "ignore" else valid
     per_row = torch.where(counted, per_row, 0.0)
     loss = per_row.sum() / counted.sum().clamp(min=1)
@@ -144,7 +244,7 @@ def lacy_ce_torch(
 
 
 # ----------------------------------------------------------------------------------------
-# From per-row statistics to loss, stats and backward row parameters (chunked and triton)
+# From per-row statistics to loss and stats (every fused path)
 # ----------------------------------------------------------------------------------------
 
 
@@ -152,58 +252,163 @@ def finish_rows(
     lse_nc: torch.Tensor,  # (N,) log-sum-exp over every column but <CALL>
     z_call: torch.Tensor,  # (N,) the <CALL> logit
     z_target: torch.Tensor,  # (N,) the target logit (anything where there is no target)
-    targets: torch.Tensor,
+    valid: torch.Tensor,  # (N,) bool
     flags: torch.Tensor,
-    vocab: int,
-    call_id: int,
     strategy: str,
     call_fraction: float,
     ref_nll: torch.Tensor | None,
-    ignore_index: int,
-) -> tuple[torch.Tensor, ...]:
-    """Loss, stats and the backward's row parameters, all on device.
-
-    Returns (loss, nll, is_call, p_call, row_lse, row_target, row_coef). The backward's
-    gradient w.r.t. the logits of row i is
-
-        dz[i, v] = grad_loss * row_coef[i] * (exp(z[i, v] - row_lse[i]) * keep[i, v] - [v == row_target[i]])
-
-    with keep[i, call_id] = 0 for an ordinary row under a CALL-aware strategy (its softmax
-    excludes <CALL>), 1 otherwise: for a CALL row row_lse = lse (full softmax) and
-    row_target = call_id; for an ordinary row row_lse = lse_nc; for ``none`` row_lse = lse.
-    Rows without loss have row_coef = 0, row_target = -1 and row_lse = lse (a real
-    normaliser, so exp() stays finite).
-    """
-    valid = valid_targets(targets, vocab, call_id, ignore_index)
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, nll, is_call, p_call), all on device."""
     lse = torch.logaddexp(lse_nc, z_call)  # (N,) full log-normaliser, stable
     nll = torch.where(valid, lse_nc - z_target, 0.0)
     p_call = torch.exp(z_call - lse)
     selected = select_calls(strategy, nll, valid, flags, call_fraction, ref_nll)
-    call_target = torch.full_like(targets, call_id)
-    if strategy == "none":
-        row_loss, row_lse, row_target = lse - z_target, lse, targets
-    else:
-        row_loss = torch.where(selected, lse - z_call, nll)
-        row_lse = torch.where(selected, lse, lse_nc)
-        row_target = torch.where(selected, call_target, targets)
+    ordinary = lse - z_target if strategy == "none" or not renormalize else nll
+    row_loss = torch.where(selected, lse - z_call, ordinary)
     counted = valid & ~selected if strategy == "ignore" else valid
     denom = counted.sum().clamp(min=1).to(lse.dtype)
     loss = torch.where(counted, row_loss, 0.0).sum() / denom
-    row_coef = counted.to(lse.dtype) / denom
-    row_lse = torch.where(counted, row_lse, lse)
-    row_target = torch.where(counted, row_target, -1)
-    return loss, nll, selected, p_call, row_lse, row_target, row_coef
+    return loss, nll, selected, p_call
+
+
+def ordinary_coefs(lse_nc: torch.Tensor, z_call: torch.Tensor, coef: torch.Tensor, plain: bool,
+                   to_call: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, c) of step 1's d loss / d logits, in the form every backend computes:
+
+        dz[i, v] = a[i] exp(z[i, v] - lse_nc[i]) [v != CALL] + c[i] [v == CALL] + b[i] [v == y[i]]
+
+    Renormalised (q - onehot(y)): a = coef, b = -coef, c = 0. Full softmax (p - onehot(y),
+    with p_v = (1 - p_c) q_v off the CALL column): a = coef (1 - p_c), b = -coef,
+    c = coef p_c. Rows of ``to_call`` (a selection known before any logit: spacy, judge)
+    get their final <CALL> gradient p - onehot(CALL): a = coef (1 - p_c), b = 0,
+    c = -coef (1 - p_c).
+    """
+    b = -coef
+    if not plain and to_call is None:
+        return coef, b, torch.zeros_like(coef)
+    keep = torch.sigmoid(lse_nc - z_call)  # 1 - p_c, accurate when p_c is near 1
+    if plain:
+        a, c = coef * keep, coef * torch.sigmoid(z_call - lse_nc)
+    else:
+        a, c = coef, torch.zeros_like(coef)
+    if to_call is not None:
+        a = torch.where(to_call, coef * keep, a)
+        b = torch.where(to_call, 0.0, b)
+        c = torch.where(to_call, -coef * keep, c)
+    return a, b, c
 
 
 # ----------------------------------------------------------------------------------------
-# Chunked PyTorch path (CPU training): no (N, V) buffer
+# The one-pass algorithm, over a backend (module docstring)
+# ----------------------------------------------------------------------------------------
+
+
+def lacy_ce_one_pass(
+    backend,  # namespace: row_stats, ordinary, delta_weight (CHUNKED below, or lacy_ce.TRITON)
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    flags: torch.Tensor,
+    ref_nll: torch.Tensor | None,
+    call_id: int,
+    strategy: str,
+    call_fraction: float,
+    ignore_index: int,
+    renormalize: bool,
+    bound: int,
+    grads: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale).
+
+    The gradients are those of the loss itself (upstream gradient 1), in the input dtypes;
+    the backward multiplies them by the upstream gradient times ``grad_scale``, which is 1,
+    or NaN when more than ``bound`` rows were selected (the loss is NaN then too). With
+    ``grads=False`` only the statistics are computed (one logit pass) and both gradients
+    are empty.
+    """
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    sdt = stat_dtype(hidden.dtype)
+    valid = valid_targets(targets, vocab, call_id, ignore_index)
+    y = torch.where(valid, targets, 0)  # (N,) a harmless column where there is no target
+    if not grads:
+        lse_nc, z_call, z_target = backend.row_stats(hidden, weight, y, call_id)
+        loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, valid, flags, strategy, call_fraction,
+                                                  ref_nll, renormalize)
+        return (loss, nll, selected, p_call, hidden.new_empty(0), weight.new_empty(0),
+                torch.ones((), dtype=sdt, device=hidden.device))
+
+    # 1. Statistics and the ordinary gradients of every valid row, in one pass.
+    n_counted = valid.sum()
+    if strategy == "ignore":
+        n_counted = n_counted - selection_size(strategy, valid, flags, call_fraction)
+    # (N,) d loss / d row loss; 0 when nothing is counted (``ignore`` dropping every row), so
+    # the gradients are exactly zero then, not a sum cancelled by the correction.
+    coef = torch.where(n_counted > 0, valid.to(sdt) / n_counted.clamp(min=1).to(sdt), 0.0)
+    plain = strategy == "none" or not renormalize
+    # spacy and judge select by the flags alone: their rows get the <CALL> gradient right away.
+    to_call = None if strategy in RANKED or strategy == "none" else \
+        select_calls(strategy, torch.zeros_like(coef), valid, flags, call_fraction)
+    lse_nc, z_call, z_target, grad_hidden, grad_weight = backend.ordinary(hidden, weight, y, coef, call_id, plain,
+                                                                          to_call, strategy == "none")
+    # 2. Selection.
+    loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, valid, flags, strategy, call_fraction,
+                                              ref_nll, renormalize)
+    grad_scale = torch.ones((), dtype=sdt, device=hidden.device)
+    # 3. The correction of the selected rows (ranked strategies: selected by the scores).
+    if strategy in RANKED and bound > 0 and n > 0:
+        _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected, grad_hidden, grad_weight,
+                          call_id, strategy, renormalize, bound)
+        grad_scale = torch.where(selected.sum() <= bound, grad_scale, float("nan"))
+        loss = loss * grad_scale
+    return loss, nll, selected, p_call, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), grad_scale
+
+
+def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected, grad_hidden, grad_weight,
+                      call_id, strategy, renormalize, bound) -> None:
+    """Step 3 of the one-pass algorithm, in place on grad_hidden and grad_weight (fp32)."""
+    sdt = grad_weight.dtype
+    # The selected positions first, in order, then unselected padding up to ``bound`` rows:
+    # distinct indices whatever the count, so the write-back below has no conflicts.
+    rows = torch.argsort(selected.to(torch.uint8), descending=True, stable=True)[:bound]  # (k,)
+    live = selected[rows]
+    coef_sel = torch.where(live, coef[rows], 0.0)  # padding rows change nothing
+    y_sel = y[rows]
+    lse_nc_sel, z_call_sel = lse_nc[rows], z_call[rows]
+    keep = torch.sigmoid(lse_nc_sel - z_call_sel)  # 1 - p_c, accurate when p_c is near 1
+    p_c = torch.sigmoid(z_call_sel - lse_nc_sel)
+    h_sel = hidden[rows]
+
+    dh = grad_hidden[rows].to(sdt)
+    if strategy == "ignore":
+        changed = torch.zeros_like(dh)
+    else:  # (k, D), in place on one buffer: coef (W[y] - W[CALL]) + dh, times 1 - p_c if renormalised
+        changed = weight[y_sel].to(sdt).sub_(weight[call_id].to(sdt)).mul_(coef_sel[:, None]).add_(dh)
+        if renormalize:
+            changed.mul_(keep[:, None])
+    grad_hidden.index_copy_(0, rows, torch.where(live[:, None], changed, dh).to(grad_hidden.dtype))
+
+    if strategy != "ignore" and not renormalize:  # one-hot parts only: no recomputation
+        _add_one_hot_rows(grad_weight, y_sel, coef_sel, -coef_sel, h_sel.to(sdt), call_id)
+        return
+    if strategy == "ignore":  # remove the row's ordinary dz
+        a, c = (-coef_sel, torch.zeros_like(coef_sel)) if renormalize else (-coef_sel * keep, -coef_sel * p_c)
+    else:  # CALL minus renormalised ordinary: -p_c q, -(1 - p_c) at CALL, +1 at y
+        a, c = -coef_sel * p_c, -coef_sel * keep
+    backend.delta_weight(h_sel, weight, y_sel, lse_nc_sel, a, coef_sel, c, call_id, grad_weight)
+
+
+# ----------------------------------------------------------------------------------------
+# Chunked PyTorch backend (CPU training): no (N, V) buffer
 # ----------------------------------------------------------------------------------------
 
 
 def row_stats_chunked(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_nc, z_call, z_target), each (N,), one chunk of rows at a time.
+    """(lse_nc, z_call, z_target), each (N,), one chunk of rows at a time (``targets`` in
+    [0, V)). The forward without gradients.
 
     The chunk's logits are computed in fp32 (fp64 for fp64 inputs): on a CPU a fp32 matmul
     is as fast as a bf16 one and loses nothing. Peak extra memory: one chunk of logits.
@@ -215,12 +420,11 @@ def row_stats_chunked(
     lse_nc = torch.empty(n, dtype=sdt, device=hidden.device)
     z_call = torch.empty_like(lse_nc)
     z_target = torch.empty_like(lse_nc)
-    y = targets.clamp(0, vocab - 1)  # invalid rows read a harmless column
     step = chunk_rows(n, d, vocab)
     for start in range(0, n, step):
         rows = slice(start, start + step)
         z = hidden[rows].to(sdt) @ w.T  # (C, V)
-        z_target[rows] = z.gather(1, y[rows, None])[:, 0]
+        z_target[rows] = z.gather(1, targets[rows, None])[:, 0]
         z_call[rows] = z[:, call_id]
         z[:, call_id] = float("-inf")
         top = z.amax(dim=1)  # (C,) log-sum-exp in place: one chunk buffer, no temporaries
@@ -228,35 +432,110 @@ def row_stats_chunked(
     return lse_nc, z_call, z_target
 
 
-def grads_chunked(
-    grad_loss: torch.Tensor,  # () upstream gradient of the loss
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    row_lse: torch.Tensor,
-    row_target: torch.Tensor,
-    row_coef: torch.Tensor,
+def ordinary_chunked(
+    hidden: torch.Tensor,  # (N, D)
+    weight: torch.Tensor,  # (V, D)
+    targets: torch.Tensor,  # (N,) int64 in [0, V)
+    coef: torch.Tensor,  # (N,) d loss / d row loss (0 for rows without loss)
     call_id: int,
     plain: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight) by the formula of ``finish_rows``, one chunk at a time."""
+    to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
+    plain_ce: bool = False,  # strategy none: plain cross-entropy, lse_nc only a statistic
+) -> tuple[torch.Tensor, ...]:
+    """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
+
+    Per chunk of C rows, three matmuls: the logits Z (C, V); E = exp(Z - rowmax) in place
+    (0 at <CALL>), whose row sums give lse_nc; then, with dz = s E + c onehot(CALL) +
+    b onehot(y) and s = a / rowsum(E) (``ordinary_coefs``), grad_hidden[chunk] = s (E @ W)
+    + c W[CALL] + b W[y] and grad_weight += E^T (s h) plus the one-hot rows b h at y and
+    sum(c h) at CALL. The per-row factors act on (C, D) operands, never on the (C, V)
+    buffer, which sees four elementwise passes (max, subtract, exp, sum) and the two
+    products. For ``plain_ce`` (strategy none) E keeps its <CALL> column (the max is over
+    every column) and c vanishes: dz = coef (E / rowsum(E) - onehot(y)), exactly a plain
+    cross-entropy's work; lse_nc, a statistic there, comes from the row sum without the
+    <CALL> column (-inf, never a wrong finite value, should every other logit lie more than
+    ~87 below the <CALL> logit, which no training towards none produces). Both gradients are fp32 (fp64) buffers: the correction of the selected rows
+    reads and adjusts them before they are cast to the input dtype.
+    Peak extra memory: one chunk of logits plus the two gradient buffers.
+    """
     n, d = hidden.shape
     vocab = weight.shape[0]
     sdt = stat_dtype(hidden.dtype)
     w = weight.to(sdt)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=sdt, device=weight.device)  # fp32 accumulator
-    row_w = row_coef * grad_loss.to(sdt)  # (N,)
+    lse_nc = torch.empty(n, dtype=sdt, device=hidden.device)
+    z_call = torch.empty_like(lse_nc)
+    z_target = torch.empty_like(lse_nc)
+    grad_hidden = torch.empty((n, d), dtype=sdt, device=hidden.device)
+    grad_weight = torch.zeros((vocab, d), dtype=sdt, device=weight.device)
     step = chunk_rows(n, d, vocab)
     for start in range(0, n, step):
         rows = slice(start, start + step)
         h = hidden[rows].to(sdt)  # (C, D)
-        dz = h @ w.T  # (C, V) logits, turned into d loss / d logits in place
-        dz.sub_(row_lse[rows, None]).exp_()
-        tgt = row_target[rows]
-        if not plain:  # ordinary rows: softmax without <CALL>
-            dz[:, call_id] *= tgt == call_id
-        dz.scatter_add_(1, tgt.clamp(min=0)[:, None], -(tgt >= 0).to(sdt)[:, None])
-        dz.mul_(row_w[rows, None])
-        grad_hidden[rows] = (dz @ w).to(hidden.dtype)
-        grad_weight.addmm_(dz.T, h)
-    return grad_hidden, grad_weight.to(weight.dtype)
+        y = targets[rows]  # (C,)
+        z = h @ w.T  # (C, V) logits, turned into E in place
+        z_target[rows] = z.gather(1, y[:, None])[:, 0]
+        z_call[rows] = z[:, call_id]
+        if plain_ce:
+            top = z.amax(dim=1)  # (C,) over every column
+            e = z.sub_(top[:, None]).exp_()  # exp(z - top)
+            total = e[:, :call_id].sum(dim=1) + e[:, call_id + 1:].sum(dim=1)  # without <CALL>
+            lse_nc[rows] = top + total.log()
+            b, c = -coef[rows], None
+            s = (coef[rows] / (total + e[:, call_id]))[:, None]
+        else:
+            z[:, call_id] = float("-inf")
+            top = z.amax(dim=1)  # (C,)
+            e = z.sub_(top[:, None]).exp_()  # exp(z - top), 0 at <CALL>
+            total = e.sum(dim=1)
+            lnc = top + total.log()
+            lse_nc[rows] = lnc
+            a, b, c = ordinary_coefs(lnc, z_call[rows], coef[rows], plain, None if to_call is None else to_call[rows])
+            c = c if plain or to_call is not None else None  # None: zero (the renormalised rows)
+            s = (a / total)[:, None]  # a exp(z - lse_nc) = s E
+        one_hot = w[y].mul_(b[:, None])  # (C, D) b W[y] (+ c W[CALL])
+        if c is not None:
+            one_hot.addr_(c, w[call_id])
+        torch.addcmul(one_hot, s, e @ w, out=grad_hidden[rows])
+        grad_weight.addmm_(e.T, s * h)
+        _add_one_hot_rows(grad_weight, y, b, c, h, call_id)
+    return lse_nc, z_call, z_target, grad_hidden, grad_weight
+
+
+def _add_one_hot_rows(grad_weight, targets, b, c, h, call_id) -> None:
+    """grad_weight += the one-hot parts of dz^T h: b[i] h[i] at row y[i], sum c[i] h[i] at
+    <CALL> (c None: zero)."""
+    grad_weight.index_put_((targets,), b[:, None] * h, accumulate=True)  # deterministic on CUDA too
+    if c is not None:
+        grad_weight[call_id] += c @ h
+
+
+def delta_weight_chunked(
+    hidden: torch.Tensor,  # (k, D) the selected rows' hidden states
+    weight: torch.Tensor,  # (V, D)
+    targets: torch.Tensor,  # (k,) in [0, V)
+    lse_nc: torch.Tensor,  # (k,) from step 1
+    a: torch.Tensor,  # (k,) coefficients of dz (``ordinary_coefs``' form)
+    b: torch.Tensor,
+    c: torch.Tensor,
+    call_id: int,
+    grad_weight: torch.Tensor,  # (V, D) fp32 accumulator, updated in place
+) -> None:
+    """grad_weight += dz^T @ hidden with dz recomputed from the rows' logits (step 3):
+    two matmuls of k x V x D, one chunk of logits at a time, the factors on the (C, D) side."""
+    k, d = hidden.shape
+    vocab = weight.shape[0]
+    sdt = grad_weight.dtype
+    w = weight.to(sdt)
+    step = chunk_rows(k, d, vocab)
+    for start in range(0, k, step):
+        rows = slice(start, start + step)
+        h = hidden[rows].to(sdt)
+        z = h @ w.T  # (C, V)
+        z[:, call_id] = float("-inf")
+        e = z.sub_(lse_nc[rows, None]).exp_()  # exp(z - lse_nc), 0 at <CALL>
+        grad_weight.addmm_(e.T, a[rows, None] * h)
+        _add_one_hot_rows(grad_weight, targets[rows], b[rows], c[rows], h, call_id)  # c: a few zero rows at most
+
+
+CHUNKED = types.SimpleNamespace(row_stats=row_stats_chunked, ordinary=ordinary_chunked,
+                                delta_weight=delta_weight_chunked)

@@ -237,6 +237,8 @@ class ObjectiveConfig(Config):
     impl: str = doc("auto", "loss implementation: triton on CUDA, chunked PyTorch elsewhere (auto)", choices=IMPLS)
     ref_checkpoint: str | None = doc(None, "reference model export for strategy=rho")
     ignore_index: int = doc(-100, "target value that marks a position without a target")
+    renormalize: bool = doc(True, "score targets that stay on the softmax without <CALL>, renormalised (the paper); "
+                                  "false: plain cross-entropy over the full vocabulary, so they push p(<CALL>) down")
 
     def check(self) -> None:
         self._fraction("call_fraction")

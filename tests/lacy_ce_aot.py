@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 from lacy_fast.kernels import lacy_ce as op
 
-ALIGNED = ("stride_h", "stride_w", "stride_dz", "stride_a", "stride_b", "stride_c", "D", "V", "P", "M")
+ALIGNED = ("stride_h", "stride_w", "stride_z", "stride_dz", "stride_a", "stride_b", "stride_c", "D", "V", "P", "M")
 CAPABILITY = {"hopper": 90, "ampere": 80}
 ARCH = {90: "sm_90a", 80: "sm_80"}
 
@@ -70,12 +70,16 @@ def report() -> list[dict]:
             dot = {"DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "DOT_UPCAST": False}
             bn, bv, bd, warps, stages = op._LOGIT_TILES[target][esize]
             bm, bp, bk, gwarps, gstages = op._GEMM_TILES[target][esize]
+            logit_tiles = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, **dot)
+            fwd_types = [ptr, ptr, "*i64"] + ["*fp32"] * 4 + [ptr] + ["i32"] * 8
+            dlogits_types = [ptr, ptr, ptr] + ["*fp32"] * 4 + ["*i64"] + ["i32"] * 7
             kernels = {
-                "fwd": (op._lacy_ce_fwd_kernel, [ptr, ptr, "*i64"] + ["*fp32"] * 4 + ["i32"] * 7,
-                        dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, **dot), warps, stages),
-                "dlogits": (op._lacy_ce_dlogits_kernel, [ptr, ptr, "*fp32", "*i64", "*fp32", ptr] + ["i32"] * 7,
-                            dict(PLAIN=False, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, GROUP_N=op._GROUP, **dot),
-                            warps, stages),
+                "fwd": (op._lacy_ce_fwd_kernel, fwd_types, dict(STORE_Z=True, **logit_tiles), warps, stages),
+                "fwd_stats": (op._lacy_ce_fwd_kernel, fwd_types, dict(STORE_Z=False, **logit_tiles), warps, stages),
+                "dlogits_in": (op._lacy_ce_dlogits_kernel, dlogits_types,
+                               dict(LOGITS_IN=True, GROUP_N=op._GROUP, **logit_tiles), warps, stages),
+                "dlogits_recompute": (op._lacy_ce_dlogits_kernel, dlogits_types,
+                                      dict(LOGITS_IN=False, GROUP_N=op._GROUP, **logit_tiles), warps, stages),
                 "gemm_tn": (op._matmul_tn_acc_kernel, [ptr, ptr, "*fp32"] + ["i32"] * 6,
                             dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, GROUP_M=op._GROUP, **dot), gwarps, gstages),
             }

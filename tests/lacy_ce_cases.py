@@ -43,10 +43,22 @@ class Case:
     upstream: float  # the random upstream gradient of the loss
     truth: dict  # fp64 results
     ref: dict  # reference in the test dtype
+    renormalize: bool = True
 
     def kwargs(self) -> dict:
         return dict(call_id=self.call_id, strategy=self.strategy, call_fraction=self.call_fraction,
-                    ref_nll=self.ref_nll if self.strategy == "rho" else None, ignore_index=IGNORE)
+                    ref_nll=self.ref_nll if self.strategy == "rho" else None, ignore_index=IGNORE,
+                    renormalize=self.renormalize)
+
+    def host_count(self) -> int:
+        """The selection count the training loop computes on the host from the batch's
+        counts (``selected_count``), before anything reaches the device."""
+        from lacy_fast.train.loop import selected_count
+
+        valid = valid_targets(self.targets, self.weight.shape[0], self.call_id, IGNORE)
+        n_facts = int((valid & ((self.flags & 1) != 0)).sum())
+        n_judge = int((valid & ((self.flags & 2) != 0)).sum())
+        return selected_count(self.strategy, self.call_fraction, int(valid.sum()), n_facts, n_judge)
 
 
 def run(fn, hidden, weight, case: Case, device="cpu", **extra) -> dict:
@@ -64,16 +76,21 @@ def run(fn, hidden, weight, case: Case, device="cpu", **extra) -> dict:
 
 
 def make_case(strategy: str, dtype: torch.dtype, *, n=37, d=48, v=211, call_id=105, call_fraction=0.6,
-              edge: str | None = None, seed: int = 0) -> Case:
-    """A case whose selection is the same in every dtype (see the module docstring)."""
+              edge: str | None = None, seed: int = 0, renormalize: bool = True) -> Case:
+    """A case whose selection is the same in every dtype (see the module docstring).
+
+    edge: None, "all_ignored" (no valid target), "no_facts", "all_facts", or "all_selected"
+    (every target valid and flagged fact and judge: with call_fraction=1 every
+    strategy but none selects all N rows).
+    """
     for attempt in range(200):
-        case = _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed * 1000 + attempt)
+        case = _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed * 1000 + attempt, renormalize)
         if _margin_ok(case):
             return case
     raise RuntimeError(f"no seed gave a selection margin for {strategy} {dtype} {edge}; widen the score spread")
 
 
-def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed) -> Case:
+def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed, renormalize) -> Case:
     gen = torch.Generator().manual_seed(seed)
     # logits ~ N(0, 2^2): nll between ~1 and ~12, a realistic range for a 211-token vocabulary
     hidden = torch.randn(n, d, generator=gen).to(dtype)
@@ -90,9 +107,13 @@ def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed) -> Ca
         flags &= 2
     elif edge == "all_facts":
         flags |= 1
+    elif edge == "all_selected":
+        targets = torch.where(targets == IGNORE, (call_id + 1) % v, targets)
+        flags |= 3
     ref_nll = torch.rand(n, generator=gen) * 6.0
     upstream = float(0.5 + torch.rand((), generator=gen))
-    case = Case(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, upstream, {}, {})
+    case = Case(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, upstream, {}, {},
+                renormalize)
     case.truth = run(lacy_ce_torch, hidden.double(), weight.double(), case)
     case.ref = run(lacy_ce_torch, hidden, weight, case)
     return case

@@ -2,8 +2,12 @@
 
 On a machine without CUDA the Triton kernels run in the interpreter (conftest.py sets
 TRITON_INTERPRET=1), at tiny odd shapes (N=37, D=48, V=211) with small interpreter tiles,
-and with 16 rows per backward chunk so every loop runs more than once. Tolerances are
-explained in lacy_ce_cases.py. GPU-only cases are marked ``gpu``.
+and with 16 rows per chunk so every loop runs more than once. Tolerances are explained in
+lacy_ce_cases.py. GPU-only cases are marked ``gpu``.
+
+The fused implementations get the selection bound the training loop passes
+(``selection_bound`` of the host-side count: rounded up, so the correction also handles
+unselected padding rows), unless a test says otherwise.
 """
 from __future__ import annotations
 
@@ -19,16 +23,18 @@ import torch
 
 from lacy_ce_cases import COMPARED, IGNORE, K, check, err, make_case, run, tolerance
 from lacy_fast.errors import UserError
-from lacy_fast.kernels import STRATEGIES, LacyLossArgumentError, lacy_linear_cross_entropy
+from lacy_fast.kernels import STRATEGIES, LacyLossArgumentError, lacy_linear_cross_entropy, selection_bound
 from lacy_fast.kernels import lacy_ce as op
 from lacy_fast.kernels.lacy_ce_reference import (
     CHUNK_ROWS_ENV,
-    chunk_rows,
+    CHUNKED,
     RANKED,
-    finish_rows,
-    grads_chunked,
-    row_stats_chunked,
+    chunk_rows,
+    lacy_ce_one_pass,
     select_calls,
+    selection_size,
+    static_bound,
+    valid_targets,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,34 +42,135 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_runs = op.HAS_TRITON and (torch.cuda.is_available() or op._interpreted())
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(not triton_runs, reason="needs CUDA or TRITON_INTERPRET=1"))
 IMPLS = ["torch", "chunked", TRITON]
-FUSED = ["chunked", TRITON]  # the implementations with a hand-written backward
+FUSED = ["chunked", TRITON]  # the implementations of the one-pass algorithm
 CALL_IDS = {"middle": 105, "end": 210}  # V = 211
+RENORMALIZE = [pytest.param(True, id="renorm"), pytest.param(False, id="fullsoftmax")]
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setenv(CHUNK_ROWS_ENV, "16")  # 37 rows -> backward chunks of 16, 16 and 5
+    monkeypatch.setenv(CHUNK_ROWS_ENV, "16")  # 37 rows -> chunks of 16, 16 and 5
 
 
 cached_case = functools.lru_cache(maxsize=None)(make_case)
 
 
-def run_impl(case, impl, device=DEVICE):
-    return run(lacy_linear_cross_entropy, case.hidden, case.weight, case, device=device, impl=impl)
+def loop_bound(case) -> int:
+    """The max_selected the training loop passes for this batch."""
+    return selection_bound(case.host_count(), case.targets.numel())
+
+
+def run_impl(case, impl, device=DEVICE, hint="loop"):
+    """hint: "loop" (the training loop's bucketed bound), "exact" (the host count), "none"."""
+    extra = {}
+    if impl != "torch" and hint != "none":
+        extra["max_selected"] = loop_bound(case) if hint == "loop" else case.host_count()
+    return run(lacy_linear_cross_entropy, case.hidden, case.weight, case, device=device, impl=impl, **extra)
 
 
 # ----------------------------------------------------------------------------------------
-# Every strategy x implementation x dtype x <CALL> position
+# Every strategy x implementation x dtype x <CALL> position x objective
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
 @pytest.mark.parametrize("call_pos", list(CALL_IDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_matches_fp64_truth(strategy, impl, dtype, call_pos):
-    case = cached_case(strategy, dtype, call_id=CALL_IDS[call_pos])
+def test_matches_fp64_truth(strategy, impl, dtype, call_pos, renormalize):
+    case = cached_case(strategy, dtype, call_id=CALL_IDS[call_pos], renormalize=renormalize)
     check(run_impl(case, impl), case)
+
+
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
+@pytest.mark.parametrize("hint", ["exact", "none"])
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_bound_exact_or_absent(strategy, impl, hint, renormalize):
+    """The bound equal to the count (no padding rows) and no bound at all (the strategy's
+    most: for spacy and judge every row goes through the correction)."""
+    case = cached_case(strategy, torch.float32, call_id=CALL_IDS["middle"], renormalize=renormalize)
+    assert case.host_count() == int(case.truth["is_call"].sum())
+    check(run_impl(case, impl, hint=hint), case)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("strategy", ["spacy", "judge"])
+def test_selection_by_flags_needs_no_bound(strategy, impl):
+    """spacy and judge select by the flags, before any logit: no correction, no bound."""
+    case = cached_case(strategy, torch.float32, call_id=CALL_IDS["end"])
+    assert case.host_count() > 0
+    check(run(lacy_linear_cross_entropy, case.hidden, case.weight, case, device=DEVICE, impl=impl, max_selected=0),
+          case)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("strategy", RANKED)
+def test_a_bound_below_the_count_gives_nan_not_a_wrong_gradient(strategy, impl):
+    case = cached_case(strategy, torch.float32, call_id=CALL_IDS["end"])
+    count = case.host_count()
+    assert count > 0
+    h = case.hidden.to(DEVICE).requires_grad_()
+    w = case.weight.to(DEVICE).requires_grad_()
+    kwargs = case.kwargs()
+    loss, stats = lacy_linear_cross_entropy(h, w, case.targets.to(DEVICE), case.flags.to(DEVICE), impl=impl,
+                                            max_selected=count - 1, **kwargs)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(h.grad).all() and torch.isnan(w.grad).all()
+    assert torch.equal(stats["is_call"].cpu(), case.truth["is_call"])  # the stats stay right
+
+
+def test_selection_bound_buckets():
+    for n in (1, 37, 4096, 16384):
+        bucket = max(16, -(-n // 128))
+        values = set()
+        for count in range(n + 1):
+            bound = selection_bound(count, n)
+            assert count <= bound <= n and (bound == n or bound % bucket == 0)
+            assert bound - count < bucket
+            values.add(bound)
+        assert len(values) <= 129
+    assert selection_bound(0, 100) == 0
+    assert static_bound("lacy", 0.6, 37) == 22 and static_bound("ignore", 1.0, 37) == 37
+    assert static_bound("none", 0.6, 37) == 0 and static_bound("spacy", 0.6, 37) == 0  # nothing to correct
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_size_is_the_selected_count(strategy):
+    gen = torch.Generator().manual_seed(3)
+    for fraction in (0.0, 0.37, 0.6, 1.0):
+        nll = torch.rand(50, generator=gen).double()
+        valid = torch.rand(50, generator=gen) < 0.8
+        flags = torch.randint(0, 4, (50,), generator=gen, dtype=torch.uint8)
+        ref = torch.rand(50, generator=gen).double()
+        selected = select_calls(strategy, nll, valid, flags, fraction, ref)
+        assert int(selection_size(strategy, valid, flags, fraction)) == int(selected.sum())
+        if strategy in RANKED:
+            assert int(selected.sum()) <= static_bound(strategy, fraction, 50)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_without_gradients_only_the_statistics_run(impl, monkeypatch):
+    """Under no_grad (evaluation, the rho reference) the op runs one logit pass: the
+    ordinary-gradient pass is not called, and the results equal the training forward's."""
+    case = cached_case("lacy", torch.float32, call_id=CALL_IDS["middle"])
+    with_grads = run_impl(case, impl)
+    backend = op.TRITON if impl == "triton" else CHUNKED
+
+    def refuse(*args):
+        raise AssertionError("the gradient pass ran without a gradient to compute")
+
+    monkeypatch.setattr(backend, "ordinary", refuse)
+    for context in (torch.no_grad(), torch.enable_grad()):
+        with context:
+            loss, stats = lacy_linear_cross_entropy(case.hidden.to(DEVICE), case.weight.to(DEVICE),
+                                                    case.targets.to(DEVICE), case.flags.to(DEVICE), impl=impl,
+                                                    **case.kwargs())
+        assert not loss.requires_grad
+        assert torch.allclose(loss.cpu(), with_grads["loss"], rtol=1e-6, atol=0)
+        assert torch.equal(stats["is_call"].cpu(), with_grads["is_call"])
+        assert torch.allclose(stats["nll"].cpu(), with_grads["nll"], rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,14 +178,16 @@ def test_matches_fp64_truth(strategy, impl, dtype, call_pos):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("edge", ["all_ignored", "no_facts", "all_facts"])
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
+@pytest.mark.parametrize("edge", ["all_ignored", "no_facts", "all_facts", "all_selected"])
 @pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_edge_batches(strategy, impl, edge):
-    case = cached_case(strategy, torch.float32, call_id=CALL_IDS["end"], edge=edge)
+def test_edge_batches(strategy, impl, edge, renormalize):
+    """Nothing valid, no fact token, every token a fact, and k = N (every row selected)."""
+    case = cached_case(strategy, torch.float32, call_id=CALL_IDS["end"], edge=edge, renormalize=renormalize,
+                       call_fraction=1.0 if edge == "all_selected" else 0.6)
     result = run_impl(case, impl)
     check(result, case)
-    facts = (case.flags & 1) != 0
     if edge == "all_ignored":
         assert float(result["loss"]) == 0.0
         assert not result["grad_hidden"].any() and not result["grad_weight"].any()
@@ -87,6 +196,11 @@ def test_edge_batches(strategy, impl, edge):
         assert not result["is_call"].any()
     if edge == "all_facts" and strategy == "spacy":
         assert torch.equal(result["is_call"], case.targets != IGNORE)
+    if edge == "all_selected":
+        n = case.targets.numel()
+        assert int(result["is_call"].sum()) == (0 if strategy == "none" else n) and loop_bound(case) in (0, n)
+        if strategy == "ignore":  # every row dropped: nothing counted
+            assert float(result["loss"]) == 0.0 and not result["grad_hidden"].any()
 
 
 @pytest.mark.parametrize("call_fraction", [0.0, 1.0])
@@ -106,7 +220,7 @@ def test_call_fraction_extremes(strategy, impl, call_fraction):
 # ----------------------------------------------------------------------------------------
 
 
-def _by_hand(logits, targets, flags, call_id, strategy, call_fraction):
+def _by_hand(logits, targets, flags, call_id, strategy, call_fraction, renormalize=True):
     """Loss and d loss / d logits from the method's definition, in plain Python floats."""
     rows = []
     for z, y, f in zip(logits.tolist(), targets.tolist(), flags.tolist()):
@@ -120,12 +234,13 @@ def _by_hand(logits, targets, flags, call_id, strategy, call_fraction):
         rows.append({"p": p, "p_nc": p_nc, "y": y, "fact": f & 1, "nll": -math.log(p_nc[y])})
     facts = [i for i, r in enumerate(rows) if r and r["fact"]]
     k = math.floor(call_fraction * len(facts))
+    # ranked by the renormalised nll under both objectives
     selected = set(sorted(facts, key=lambda i: -rows[i]["nll"])[:k]) if strategy in ("lacy", "ignore") else set()
     losses, grads = {}, {}
     for i, r in enumerate(rows):
         if r is None or (strategy == "ignore" and i in selected):
             continue
-        if strategy == "none":
+        if strategy == "none" or (not renormalize and i not in selected):
             losses[i] = -math.log(r["p"][r["y"]])
             grads[i] = [p - (v == r["y"]) for v, p in enumerate(r["p"])]
         elif i in selected:
@@ -141,9 +256,10 @@ def _by_hand(logits, targets, flags, call_id, strategy, call_fraction):
     return sum(losses.values()) / count, grad, selected
 
 
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
 @pytest.mark.parametrize("strategy", ["lacy", "ignore", "none"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_semantics_by_hand(impl, strategy):
+def test_semantics_by_hand(impl, strategy, renormalize):
     """Weight = identity, so the logits are the hidden states and every number is checkable."""
     call_id = 3
     logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, 0.3],  # fact, target 2: high nll -> CALL
@@ -153,13 +269,15 @@ def test_semantics_by_hand(impl, strategy):
                            [0.2, -0.3, 0.9, 2.5, 0.4, -1.1]], dtype=torch.float64)  # fact, target 4
     targets = torch.tensor([2, 0, 5, IGNORE, 4])
     flags = torch.tensor([1, 1, 0, 1, 1], dtype=torch.uint8)
-    loss_hand, grad_hand, selected = _by_hand(logits, targets, flags, call_id, strategy, 0.67)
+    loss_hand, grad_hand, selected = _by_hand(logits, targets, flags, call_id, strategy, 0.67, renormalize)
     assert selected == ({0, 4} if strategy != "none" else set())  # floor(0.67 * 3) = 2 highest-nll facts
+    if not renormalize and strategy != "none":  # the full softmax pushes p(CALL) down on row 2
+        assert grad_hand[2, call_id] > 0
     dtype = torch.float64 if impl in ("torch", "chunked") else torch.float32
     h = logits.to(dtype).to(DEVICE).requires_grad_()
     w = torch.eye(6, dtype=dtype, device=DEVICE).requires_grad_()
     loss, stats = lacy_linear_cross_entropy(h, w, targets.to(DEVICE), flags.to(DEVICE), call_id,
-                                            strategy=strategy, call_fraction=0.67, impl=impl)
+                                            strategy=strategy, call_fraction=0.67, impl=impl, renormalize=renormalize)
     loss.backward()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert abs(float(loss) - loss_hand) < tol
@@ -240,54 +358,61 @@ def test_check_rejects_a_result_just_outside_the_tolerance():
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
 @pytest.mark.parametrize("impl", ["chunked", TRITON])
-def test_torch_compile_fullgraph(impl):
-    case = cached_case("lacy", torch.float32, call_id=CALL_IDS["middle"])
+def test_torch_compile_fullgraph(impl, renormalize):
+    """The op traces with no graph break, with the selection bound a host int that changes
+    from step to step (the compiled function sees two values), and agrees with eager."""
+    case = cached_case("lacy", torch.float32, call_id=CALL_IDS["middle"], renormalize=renormalize)
 
-    def step(h, w, t, f):
-        loss, stats = lacy_linear_cross_entropy(h, w, t, f, case.call_id, strategy="lacy", impl=impl)
+    def step(h, w, t, f, bound):
+        loss, stats = lacy_linear_cross_entropy(h, w, t, f, case.call_id, strategy="lacy", impl=impl,
+                                                renormalize=renormalize, max_selected=bound)
         return loss, stats["is_call"], stats["nll"]
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    outs = []
-    for fn in (step, compiled):
-        h = case.hidden.to(DEVICE).requires_grad_()
-        w = case.weight.to(DEVICE).requires_grad_()
-        loss, is_call, nll = fn(h, w, case.targets.to(DEVICE), case.flags.to(DEVICE))
-        loss.backward()
-        outs.append((loss.detach(), is_call, nll, h.grad, w.grad))
-    for eager, comp in zip(*outs):
-        assert torch.allclose(eager, comp, rtol=0, atol=0) if eager.dtype == torch.bool else \
-            torch.allclose(eager, comp, rtol=1e-6, atol=1e-7)
+    for bound in (loop_bound(case), case.host_count()):
+        outs = []
+        for fn in (step, compiled):
+            h = case.hidden.to(DEVICE).requires_grad_()
+            w = case.weight.to(DEVICE).requires_grad_()
+            loss, is_call, nll = fn(h, w, case.targets.to(DEVICE), case.flags.to(DEVICE), bound)
+            loss.backward()
+            outs.append((loss.detach(), is_call, nll, h.grad, w.grad))
+        for eager, comp in zip(*outs):
+            assert torch.allclose(eager, comp, rtol=0, atol=0) if eager.dtype == torch.bool else \
+                torch.allclose(eager, comp, rtol=1e-6, atol=1e-7)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("grads", [True, False])
+def test_opcheck(grads, renormalize):
     case = cached_case("rho", torch.float32, call_id=CALL_IDS["middle"])
-    h = case.hidden.clone().requires_grad_()
-    w = case.weight.clone().requires_grad_()
-    args = (h, w, case.targets, case.flags, case.ref_nll, case.call_id, "rho", 0.6, IGNORE, "chunked")
-    torch.library.opcheck(torch.ops.lacy_fast.lacy_ce_fwd.default, args)
-    _, _, _, _, row_lse, row_target, row_coef = torch.ops.lacy_fast.lacy_ce_fwd(*args)
-    torch.library.opcheck(torch.ops.lacy_fast.lacy_ce_bwd.default,
-                          (torch.tensor(0.7), h.detach(), w.detach(), row_lse, row_target, row_coef, case.call_id,
-                           False, "chunked"))
+    h = case.hidden.clone().requires_grad_(grads)
+    w = case.weight.clone().requires_grad_(grads)
+    args = (h, w, case.targets, case.flags, case.ref_nll, case.call_id, "rho", 0.6, IGNORE, renormalize,
+            loop_bound(case), grads, "chunked")
+    torch.library.opcheck(torch.ops.lacy_fast.lacy_ce.default, args)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_chunked_path_runs_on_meta_tensors(strategy, monkeypatch):
+def test_chunked_path_runs_on_meta_tensors(strategy, renormalize, monkeypatch):
     """Meta tensors have no data: a .item(), a bool(tensor) or any data-dependent branch in
-    the chunked path or the selection would raise here, so this proves there is none."""
+    the one-pass algorithm, its chunked backend or the selection would raise here, so this
+    proves there is none."""
     monkeypatch.delenv(CHUNK_ROWS_ENV)
     n, d, v, call_id = 37, 48, 211, 105
     meta = dict(device="meta")
     h, w = torch.empty(n, d, **meta), torch.empty(v, d, **meta)
     targets, flags = torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, dtype=torch.uint8, **meta)
-    lse_nc, z_call, z_target = row_stats_chunked(h, w, targets, call_id)
-    out = finish_rows(lse_nc, z_call, z_target, targets, flags, v, call_id, strategy, 0.6, torch.empty(n, **meta),
-                      IGNORE)
-    grad_h, grad_w = grads_chunked(torch.empty((), **meta), h, w, *out[4:], call_id, strategy == "none")
-    assert out[0].shape == () and out[2].dtype == torch.bool and grad_h.shape == h.shape and grad_w.shape == w.shape
+    for grads in (True, False):
+        out = lacy_ce_one_pass(CHUNKED, h, w, targets, flags, torch.empty(n, **meta), call_id, strategy, 0.6,
+                               IGNORE, renormalize, 20, grads)
+        loss, _, is_call, _, grad_h, grad_w, scale = out
+        assert loss.shape == () and is_call.dtype == torch.bool and scale.shape == ()
+        assert (grad_h.shape, grad_w.shape) == ((h.shape, w.shape) if grads else ((0,), (0,)))
 
 
 def _peak_bytes(fn) -> int:
@@ -338,6 +463,9 @@ def test_chunked_allocates_no_n_by_v_buffer(monkeypatch):
 
 @pytest.mark.parametrize("change, fragment", [
     ({"strategy": "lazy"}, "strategy 'lazy' is unknown"),
+    ({"renormalize": "no"}, "renormalize must be True or False"),
+    ({"max_selected": -1}, "max_selected must be None or a host-side int"),
+    ({"max_selected": torch.tensor(3)}, "max_selected must be None or a host-side int"),
     ({"impl": "cuda"}, "impl 'cuda' is unknown"),
     ({"strategy": "rho"}, 'strategy "rho" needs ref_nll'),
     ({"call_fraction": 1.5}, "call_fraction is 1.5"),
@@ -397,19 +525,26 @@ def _gpu_inputs(n, d, v, dtype, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy, call_fraction", [("none", 0.6), ("spacy", 0.6), ("judge", 0.6), ("lacy", 1.0)])
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
+@pytest.mark.parametrize("strategy, call_fraction", [("none", 0.6), ("spacy", 0.6), ("judge", 0.6), ("lacy", 1.0),
+                                                     ("ignore", 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_triton_at_model_shapes(strategy, call_fraction, dtype, monkeypatch):
-    """Real tiles (128 x 128) at an odd N and the paper's vocabulary; strategies whose selection
-    does not depend on rounding (a large N has near-ties at the k-th score)."""
-    monkeypatch.delenv(CHUNK_ROWS_ENV)
+def test_gpu_triton_at_model_shapes(strategy, call_fraction, dtype, renormalize, monkeypatch):
+    """Real tiles (128 x 128) at an odd N and the paper's vocabulary, several chunks, with
+    the loop's selection bound; strategies whose selection does not depend on rounding (a
+    large N has near-ties at the k-th score)."""
     n, d, v = 1031, 768, 32064
+    monkeypatch.setenv(CHUNK_ROWS_ENV, "384")  # 3 chunks: 384, 384, 263 rows
     h, w, targets, flags = _gpu_inputs(n, d, v, dtype)
-    kwargs = dict(call_id=v // 2, strategy=strategy, call_fraction=call_fraction)
+    call_id = v // 2
+    valid = valid_targets(targets, v, call_id, IGNORE)
+    count = int(selection_size(strategy, valid, flags, call_fraction))  # the host-side count, read outside the op
+    kwargs = dict(call_id=call_id, strategy=strategy, call_fraction=call_fraction, renormalize=renormalize)
     results = {}
     for name, impl, hh, ww in (("truth", "torch", h.double(), w.double()), ("ref", "torch", h, w), ("impl", "triton", h, w)):
         hh, ww = hh.detach().requires_grad_(), ww.detach().requires_grad_()
-        loss, stats = lacy_linear_cross_entropy(hh, ww, targets, flags, impl=impl, **kwargs)
+        hint = {} if impl == "torch" else {"max_selected": selection_bound(count, n)}
+        loss, stats = lacy_linear_cross_entropy(hh, ww, targets, flags, impl=impl, **kwargs, **hint)
         gh, gw = torch.autograd.grad(loss, (hh, ww), grad_outputs=torch.tensor(0.8, dtype=loss.dtype, device="cuda"))
         results[name] = {"loss": loss.detach(), **stats, "grad_hidden": gh, "grad_weight": gw}
     truth, ref, got = results["truth"], results["ref"], results["impl"]
@@ -421,14 +556,17 @@ def test_gpu_triton_at_model_shapes(strategy, call_fraction, dtype, monkeypatch)
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync_and_cuda_graph():
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
+def test_gpu_no_host_sync_and_cuda_graph(renormalize):
     n, d, v = 4096, 768, 32064
     h, w, targets, flags = _gpu_inputs(n, d, v, torch.bfloat16)
     h.requires_grad_()
     w.requires_grad_()
+    bound = selection_bound(int(selection_size("lacy", valid_targets(targets, v, v - 1, IGNORE), flags, 0.6)), n)
 
     def step():
-        loss, stats = lacy_linear_cross_entropy(h, w, targets, flags, v - 1, impl="triton")
+        loss, stats = lacy_linear_cross_entropy(h, w, targets, flags, v - 1, impl="triton", renormalize=renormalize,
+                                                max_selected=bound)
         gh, gw = torch.autograd.grad(loss, (h, w))
         return loss, stats["is_call"], gh, gw
 

@@ -79,6 +79,24 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
         assert a["gt_tokens"] == b["gt_tokens"] and a["lr"] == pytest.approx(b["lr"])
 
 
+def test_loss_gt_is_the_trained_loss_under_both_objectives(data, tmp_path):
+    """loss_gt is the loss the ordinary targets were trained on: the renormalised nll, or with
+    objective.renormalize=false plain cross-entropy, so that (lacy, nothing ignored) loss =
+    loss_gt (1 - call_rate) + loss_call call_rate holds at every step under both."""
+    first = {}
+    for renormalize in ("true", "false"):
+        out = tmp_path / renormalize
+        train(out, data, "train.max_steps=3", "train.log_every=1", f"objective.renormalize={renormalize}")
+        rows = metrics(out)
+        for r in rows:
+            parts = r["loss_gt"] * (1 - r["call_rate"]) + r["loss_call"] * r["call_rate"]
+            assert abs(r["loss"] - parts) < 1e-4 * r["loss"], (renormalize, r)
+        first[renormalize] = rows[0]
+    # Step 1 sees the same initial model and batch: -log p(y) exceeds -log(p(y) / (1 - p(CALL))).
+    assert first["false"]["loss_gt"] > first["true"]["loss_gt"]
+    assert first["false"]["loss_call"] == pytest.approx(first["true"]["loss_call"], rel=1e-6)
+
+
 def test_rerun_when_done_trains_nothing(data, tmp_path):
     out = tmp_path / "run"
     train(out, data, "train.max_steps=2")
@@ -185,7 +203,7 @@ def test_explain_lists_the_contract_keys(capsys, data):
     out = capsys.readouterr().out
     for key in ("data.path", "out_dir", "train.max_steps", "train.seq_len", "train.micro_batch_size",
                 "train.grad_accum", "train.lr", "objective.strategy", "objective.call_fraction",
-                "objective.call_rate", "model.preset", "zero_stage"):
+                "objective.call_rate", "objective.renormalize", "model.preset", "zero_stage"):
         assert key in out
     assert "docs/method.md" in out and "DESIGN.md" not in out
     may_change = out.split("which may change:")[1]

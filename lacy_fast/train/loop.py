@@ -63,7 +63,8 @@ import torch
 from lacy_fast.config import RunConfig, explain, from_dict, load_config, to_dict
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json
-from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selection_fraction
+from lacy_fast.kernels import selection_bound
+from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selected_count, selection_fraction
 from lacy_fast.progress import Progress, human
 from lacy_fast.train.metrics import MetricsWriter, mfu, peak_memory_bytes, peak_tflops
 
@@ -269,15 +270,17 @@ class StepStats:
 
 
 def _micro_sums(loss: torch.Tensor, stats: dict[str, torch.Tensor], targets: torch.Tensor, strategy: str,
-                rule: Targets) -> torch.Tensor:
-    """(6,) device sums of a micro-batch: loss, gt loss sum, n_gt, CALL loss sum, n_call, n_valid."""
+                rule: Targets, renormalize: bool = True) -> torch.Tensor:
+    """(6,) device sums of a micro-batch: loss, gt loss sum, n_gt, CALL loss sum, n_call, n_valid.
+    The gt loss is the one the objective trained on: the renormalised nll, or plain
+    cross-entropy for strategy none and for objective.renormalize=false."""
     with torch.no_grad():
         valid = rule.valid(targets.flatten())  # (N,) the op's valid targets
         is_call = stats["is_call"] & valid
         gt = valid & ~is_call
         p_call = stats["p_call"].float()
         gt_loss = stats["nll"].float()
-        if strategy == "none":  # plain CE over the full vocabulary: -log p(y)
+        if strategy == "none" or not renormalize:  # plain CE over the full vocabulary: -log p(y)
             gt_loss = gt_loss - torch.log1p(-p_call.clamp(max=1 - 1e-7))
         call_loss = -torch.log(p_call.clamp(min=1e-30))
         return torch.stack([
@@ -583,14 +586,18 @@ class Trainer:
 
                 ref_nll = reference_nll(self.ref, batch.idx, batch.targets, batch.flags, self.tokenizer.call_id,
                                         o.ignore_index, o.impl)
-            loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll)
+            # The op corrects at most this many selected rows (a bucketed bound of the count
+            # the host knows before the copy: no device sync, few distinct values to compile).
+            count = selected_count(o.strategy, self.fraction, batch.n_valid, batch.n_facts, batch.n_judge)
+            loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll,
+                                 selection_bound(count, batch.targets.numel()))
             engine.backward(loss)
             if micro == t.grad_accum - 1 and self.own_norm:
                 # ZeRO-0 in fp32 clips without recording the norm: take it from the
                 # (already all-reduced) gradients, on the device.
                 norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.grads_of]))
             engine.step()
-            micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, self.rule)
+            micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, self.rule, o.renormalize)
             sums = micro_sums if sums is None else sums + micro_sums
             host_gt += ground_truth_count(o.strategy, self.fraction, batch.n_valid, batch.n_facts, batch.n_judge)
             n_facts += batch.n_facts

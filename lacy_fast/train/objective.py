@@ -27,8 +27,11 @@ class LacyLM(nn.Module):
         self.call_id = call_id
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor,
-                ref_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """idx, targets, flags: (B, T); ref_nll: (B, T) for strategy rho.
+                ref_nll: torch.Tensor | None = None,
+                max_selected: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """idx, targets, flags: (B, T); ref_nll: (B, T) for strategy rho; max_selected: a
+        host-side bound on the positions the strategy selects in this batch
+        (``selection_bound`` of the loop's ``selected_count``; None: the op's safe bound).
 
         Returns the loss (mean over counted positions) and the op's per-position stats
         (flattened to B*T): nll, is_call, p_call.
@@ -46,6 +49,8 @@ class LacyLM(nn.Module):
             ref_nll=None if ref_nll is None else ref_nll.flatten(),
             ignore_index=o.ignore_index,
             impl=o.impl,
+            renormalize=o.renormalize,
+            max_selected=max_selected,
         )
 
 
@@ -55,7 +60,9 @@ def reference_nll(ref: GPT, idx: torch.Tensor, targets: torch.Tensor, flags: tor
     """Per-position NLL of a frozen reference model (Rho-1's excess loss baseline), (B, T) fp32.
 
     The same renormalised NLL as the trained model's (<CALL> excluded), so the excess loss
-    ``nll - ref_nll`` compares like with like; the op never materialises logits here either.
+    ``nll - ref_nll`` compares like with like: selection ranks by the renormalised NLL under
+    either ``objective.renormalize``, so the reference's does not depend on it. Under
+    no_grad the op runs its statistics pass alone and never materialises logits here.
     """
     hidden = ref(idx)  # (B, T, C)
     _, stats = lacy_linear_cross_entropy(hidden.flatten(0, 1), ref.head_weight, targets.flatten(), flags.flatten(),
