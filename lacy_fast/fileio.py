@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from lacy_fast.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
@@ -68,3 +70,28 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def jsonl_string_pairs(path: Path, keys: tuple[str, str], what: str, row: str, hint: str
+                       ) -> Iterator[tuple[int, str, str]]:
+    """(line number, row[keys[0]], row[keys[1]]) of each non-blank line of a JSONL file whose
+    two fields are strings. A missing file, a line that is not such a row, or a file without
+    any is one sentence (``what``: the file's role, ``row``: a row's name, ``hint``: what to pass)."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; pass {hint}")
+    found = False
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                a, b = data[keys[0]], data[keys[1]]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{n} is not a {row} row; pass {hint}")
+            if not isinstance(a, str) or not isinstance(b, str):
+                raise UserError(f"{path}:{n} needs a string {keys[0]} and a string {keys[1]}; pass {hint}")
+            found = True
+            yield n, a, b
+    if not found:
+        raise UserError(f"{what} {path} is empty; pass {hint}")

@@ -47,7 +47,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue
 import re
 import sys
 import time
@@ -61,7 +60,7 @@ from lacy_fast.config import JudgeConfig, PrepareConfig
 from lacy_fast.data import shards as shard_io
 from lacy_fast.data.labeling import FLAG_FACT, FLAG_JUDGE, project
 from lacy_fast.data.tokenizer import Tokenizer
-from lacy_fast.data.workers import die_with_parent, exit_if_orphaned
+from lacy_fast.data.workers import die_with_parent, drain_progress, exit_if_orphaned
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json
 from lacy_fast.progress import Progress
@@ -541,10 +540,10 @@ def _judge_shards(cfg: PrepareConfig, jid: str, paths: list[Path], indices: list
     try:
         while pending:
             finished, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            _drain(events, bar)
+            drain_progress(events, bar)
             for fut in finished:
                 done[pending.pop(fut)] = fut.result()  # re-raises a worker's UserError here
-        _drain(events, bar)
+        drain_progress(events, bar)
     except cf.process.BrokenProcessPool:
         lost = sorted(pending.values())
         raise UserError(f"a worker process died while judging shard {lost[0] if lost else '?'} (killed or out of "
@@ -554,15 +553,6 @@ def _judge_shards(cfg: PrepareConfig, jid: str, paths: list[Path], indices: list
         pool.shutdown(wait=not pending, cancel_futures=True)
     bar.close()
     return done
-
-
-def _drain(events: Any, bar: Progress) -> None:
-    while True:
-        try:
-            docs, tokens = events.get_nowait()
-        except queue.Empty:
-            return
-        bar.update(docs, tokens=tokens)
 
 
 # ----------------------------------------------------------------------------------------

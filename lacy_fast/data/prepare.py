@@ -36,7 +36,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import queue
 import random
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any, Iterator
 
 from lacy_fast.config import PrepareConfig, load_config
 from lacy_fast.data import shards as shard_io
-from lacy_fast.data.workers import die_with_parent, exit_if_orphaned
+from lacy_fast.data.workers import die_with_parent, drain_progress, exit_if_orphaned
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import write_bytes, write_json
@@ -185,7 +184,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
                 tokens_this_run += _collect(pending, done_stats, events, bar, block_until_one=True)
         while pending:
             tokens_this_run += _collect(pending, done_stats, events, bar, block_until_one=True)
-        _drain(events, bar)
+        drain_progress(events, bar)
     except cf.process.BrokenProcessPool:
         lost = sorted(pending.values())
         raise UserError(f"a worker process died while labeling shard {lost[0] if lost else '?'} (killed or out "
@@ -329,7 +328,7 @@ def _collect(pending: dict[cf.Future, int], done_stats: dict[int, dict[str, Any]
     tokens = 0
     while True:
         done, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-        _drain(events, bar)
+        drain_progress(events, bar)
         for fut in done:
             index = pending.pop(fut)
             stats = fut.result()  # re-raises a worker's exception here
@@ -337,15 +336,6 @@ def _collect(pending: dict[cf.Future, int], done_stats: dict[int, dict[str, Any]
             tokens += stats["tokens"]
         if done or not block_until_one:
             return tokens
-
-
-def _drain(events: Any, bar: Progress) -> None:
-    while True:
-        try:
-            docs, tokens = events.get_nowait()
-        except queue.Empty:
-            return
-        bar.update(docs, tokens=tokens)
 
 
 def _remove_stale(out: Path, n_shards: int) -> None:

@@ -9,7 +9,9 @@ never races a leftover.
 from __future__ import annotations
 
 import os
+import queue
 import sys
+from typing import Any
 
 _parent: int | None = None  # pid of the process that started this worker
 
@@ -36,3 +38,13 @@ def exit_if_orphaned() -> None:
     """Exit at once, writing nothing more, when the parent is gone."""
     if _parent is not None and os.getppid() != _parent:
         os._exit(1)
+
+
+def drain_progress(events: Any, bar: Any) -> None:
+    """Apply every (documents, tokens) event the workers have queued so far to ``bar``."""
+    while True:
+        try:
+            docs, tokens = events.get_nowait()
+        except queue.Empty:
+            return
+        bar.update(docs, tokens=tokens)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lacy_fast.errors import UserError
-from lacy_fast.fileio import write_json
+from lacy_fast.fileio import jsonl_string_pairs, write_json
 from lacy_fast.progress import Progress
 
 GEN_HINT = 'JSONL with one {"title": ..., "generation": ...} per line'
@@ -33,25 +33,8 @@ GEN_HINT = 'JSONL with one {"title": ..., "generation": ...} per line'
 
 def read_generations(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """(title, generation) pairs and "file:line" of each."""
-    if not path.is_file():
-        raise UserError(f"generations file {path} does not exist; pass {GEN_HINT}")
-    pairs, where = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                title, text = row["title"], row["generation"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n} is not a generation row; pass {GEN_HINT}")
-            if not isinstance(title, str) or not isinstance(text, str):
-                raise UserError(f"{path}:{n} needs a string title and a string generation; pass {GEN_HINT}")
-            pairs.append((title, text))
-            where.append(f"{path}:{n}")
-    if not pairs:
-        raise UserError(f"generations file {path} holds no generation; pass {GEN_HINT}")
-    return pairs, where
+    rows = list(jsonl_string_pairs(path, ("title", "generation"), "generations file", "generation", GEN_HINT))
+    return [(title, text) for _, title, text in rows], [f"{path}:{n}" for n, _, _ in rows]
 
 
 def score_file(knowledge: Path, generations: Path, judge: str = "rules", k: int = 5, device: str = "cpu",

@@ -23,7 +23,6 @@ in the source is a ``UserError`` (one sentence, exit code 2).
 """
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lacy_fast.errors import UserError
+from lacy_fast.fileio import jsonl_string_pairs
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _PARAGRAPH = re.compile(r"\n\s*\n")
@@ -92,25 +92,14 @@ class KnowledgeBase:
     @classmethod
     def read(cls, path: str | Path, passage_words: int = 120) -> "KnowledgeBase":
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"knowledge source {path} does not exist; pass {KB_HINT}")
         articles: dict[str, str] = {}
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    title, text = row["title"], row["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{n} is not a knowledge-source row; pass {KB_HINT}")
-                if not isinstance(title, str) or not isinstance(text, str) or not title.strip():
-                    raise UserError(f"{path}:{n} needs a non-empty string title and a string text; pass {KB_HINT}")
-                if title in articles:
-                    raise UserError(f"{path}:{n} repeats the title {title!r}; give each entity one article")
-                articles[title] = text
-        if not articles:
-            raise UserError(f"knowledge source {path} is empty; pass {KB_HINT}")
+        for n, title, text in jsonl_string_pairs(path, ("title", "text"), "knowledge source", "knowledge-source",
+                                                 KB_HINT):
+            if not title.strip():
+                raise UserError(f"{path}:{n} has an empty title; give each article its entity's name")
+            if title in articles:
+                raise UserError(f"{path}:{n} repeats the title {title!r}; give each entity one article")
+            articles[title] = text
         return cls(articles, path, passage_words)
 
     def resolve(self, title: str, where: str = "") -> str:
