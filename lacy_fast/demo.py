@@ -282,6 +282,8 @@ def _measures(result: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
         "calls_other": calls["landing"]["other"],
         "call_precision": calls["precision"],
         "call_recall": calls["recall"],
+        "mean_p_call_fact": calls["mean_p_call_fact"],
+        "mean_p_call_other": calls["mean_p_call_other"],
         "facts_per_generation": result["factscore_detail"]["facts_per_generation"],
         **trained,
         "score": result["score"],
@@ -521,7 +523,26 @@ def _verdict(by: dict[tuple[str, str], dict[str, Any]], curves: dict[str, list[d
                    + ", ".join(f"`{s}` {v:.3f}" for s, v in leak.items()) + ".")
     if "lacy" in cascade:
         out += _lacy_against_baselines(cascade, by, seeds)
+    if "lacy" in cascade and "lacy-full" in cascade:
+        out.append(_renormalize_switch(by))
     return out
+
+
+def _renormalize_switch(by: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """What scoring the ordinary targets on the full softmax (``lacy-full``) changes against ``lacy``."""
+    def pair(mode: str, key: str, fmt: str) -> str:
+        full, paper = by[("lacy-full", mode)].get(key), by[("lacy", mode)].get(key)
+        return "-" if full is None or paper is None else f"{fmt.format(full)} against {fmt.format(paper)}"
+
+    full, paper = by[("lacy-full", "cascade")], by[("lacy", "cascade")]
+    return ("- The objective switch, `lacy-full` (ordinary targets on the full softmax, `objective.renormalize=false`) "
+            "against `lacy` (the paper's renormalised softmax), the same budget and seeds: mean p(<CALL>) on held-out "
+            f"fact tokens {pair('cascade', 'mean_p_call_fact', '{:.2f}')} and elsewhere "
+            f"{pair('cascade', 'mean_p_call_other', '{:.2f}')}; AUC {pair('cascade', 'call_auc', '{:.3f}')}; calls "
+            f"on unknown facts {pair('cascade', 'calls_unknown_fact', '{:.0%}')}, on other tokens "
+            f"{pair('cascade', 'calls_other', '{:.0%}')}; alone on frequent people "
+            f"{pair('slm', 'factscore_frequent', '{:.3f}')}; cascade FactScore {_fs(full)} against {_fs(paper)} "
+            f"({full['factscore'] - paper['factscore']:+.3f}).")
 
 
 def _lacy_against_baselines(cascade: dict[str, dict[str, Any]], by: dict[tuple[str, str], dict[str, Any]],

@@ -57,6 +57,29 @@ def test_report_and_plots_are_written(demo):
     assert "lacy cascade" in table and "FactScore" in table and "±" in table
 
 
+def test_report_compares_the_objective_switch():
+    """With both lacy rows, the report says what renormalize=false changed, from their numbers."""
+    from lacy_fast.demo import _verdict
+
+    def row(strategy, mode, fs, p_fact, p_other, auc, unknown, other, frequent):
+        return {"strategy": strategy, "mode": mode, "factscore": fs, "factscore_frequent": frequent,
+                "mean_p_call_fact": p_fact, "mean_p_call_other": p_other, "call_auc": auc, "calls_unknown_fact": unknown,
+                "calls_other": other, "call_rate": 0.2, "factscore_rare": 0.1, "leakage": None, "calls_free": 0.05,
+                "calls_known_fact": 0.1}
+
+    rows = [row("lacy", "cascade", 0.61, 0.89, 0.67, 0.674, 0.30, 0.67, 0.6), row("lacy", "slm", 0.2, None, None,
+            None, None, None, 0.64), row("lacy-full", "cascade", 0.72, 0.41, 0.05, 0.801, 0.55, 0.30, 0.9),
+            row("lacy-full", "slm", 0.3, None, None, None, None, None, 0.93)]
+    by = {(r["strategy"], r["mode"]): r for r in rows}
+    line = [x for x in _verdict(by, {}, 1) if "objective switch" in x]
+    assert len(line) == 1
+    for text in ("fact tokens 0.41 against 0.89", "elsewhere 0.05 against 0.67", "AUC 0.801 against 0.674",
+                 "unknown facts 55% against 30%", "frequent people 0.930 against 0.640", "0.720 against 0.610 (+0.110)"):
+        assert text in line[0], text
+    del by[("lacy-full", "cascade")]
+    assert not [x for x in _verdict(by, {}, 1) if "objective switch" in x]
+
+
 def test_rerun_reuses_and_fresh_rerun_reproduces(demo, tmp_path):
     out, rows = demo
     again = run_demo(out, SMOKE, seeds=2, quiet=True)  # every stage is there: nothing retrains
