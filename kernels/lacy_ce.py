@@ -591,9 +591,14 @@ def _setup_context(ctx, inputs, output):
     _, nll, _, p_call, grad_hidden, grad_weight, grad_scale = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_scale)
     ctx.mark_non_differentiable(nll, p_call, grad_hidden, grad_weight, grad_scale)
+    # The other outputs never get a gradient: without this, autograd would fill a zero
+    # tensor the size of each (an (N, D) and a (V, D) fill per step) only to ignore it.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_):
+    if grad_loss is None:  # the loss itself took no part in what was differentiated
+        return (None,) * 13
     grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
     scale = grad_loss.to(grad_scale.dtype) * grad_scale  # NaN when the selection bound was exceeded
     return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
