@@ -504,7 +504,14 @@ def ordinary_chunked(
 def _add_one_hot_rows(grad_weight, targets, b, c, h, call_id) -> None:
     """grad_weight += the one-hot parts of dz^T h: b[i] h[i] at row y[i], sum c[i] h[i] at
     <CALL> (c None: zero)."""
-    grad_weight.index_put_((targets,), b[:, None] * h, accumulate=True)  # deterministic on CUDA too
+    rows = b[:, None] * h
+    # The same sums in every process: on CPU, index_add_ adds rows in order, where a
+    # multithreaded index_put_ accumulates them in an order that varies between processes;
+    # on CUDA, index_put_ sorts the indices, where index_add_ uses atomics.
+    if grad_weight.is_cuda:
+        grad_weight.index_put_((targets,), rows, accumulate=True)
+    else:
+        grad_weight.index_add_(0, targets, rows)
     if c is not None:
         grad_weight[call_id] += c @ h
 

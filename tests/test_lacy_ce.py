@@ -629,3 +629,26 @@ def test_top_level_kernels_name_registers_nothing_twice():
     )
     proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+_ROW_SUMS = """
+import hashlib, torch
+from lacy_fast.kernels.lacy_ce_reference import _add_one_hot_rows
+torch.manual_seed(0)
+n, d, v = 1024, 128, 2049
+h, b = torch.randn(n, d), torch.randn(n)
+targets = torch.randint(0, 64, (n,))  # many rows per target: the order of the sums matters
+grad_weight = torch.zeros(v, d)
+_add_one_hot_rows(grad_weight, targets, b, None, h, call_id=v - 1)
+print(hashlib.sha256(grad_weight.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_one_hot_rows_sum_the_same_in_every_process():
+    """The op's gradients must not depend on the process: a multithreaded index_put_ on CPU
+    summed the one-hot rows in another order in each process (two runs of one training could
+    end with other weights), which no in-process test sees. Two threads, three processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    digests = {subprocess.run([sys.executable, "-c", _ROW_SUMS], env=env, capture_output=True, text=True,
+                              check=True).stdout for _ in range(3)}
+    assert len(digests) == 1, digests
