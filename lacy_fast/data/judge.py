@@ -42,11 +42,8 @@ mix two judges is not complete, and training refuses it.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
-import multiprocessing as mp
-import os
 import re
 import sys
 import time
@@ -60,7 +57,7 @@ from lacy_fast.config import JudgeConfig, PrepareConfig
 from lacy_fast.data import shards as shard_io
 from lacy_fast.data.labeling import FLAG_FACT, FLAG_JUDGE, project
 from lacy_fast.data.tokenizer import Tokenizer
-from lacy_fast.data.workers import die_with_parent, drain_progress, exit_if_orphaned
+from lacy_fast.data.workers import ShardPool, die_with_parent, exit_if_orphaned
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json
 from lacy_fast.progress import Progress
@@ -530,27 +527,13 @@ def _judge_shards(cfg: PrepareConfig, jid: str, paths: list[Path], indices: list
                   progress: bool) -> dict[int, dict[str, Any]]:
     n_docs = sum(shard_io.read_header(p).n_docs for p in paths)
     bar = Progress(f"judge {parse_spec(cfg.judge.spec)[0]}", total=n_docs, unit="docs", enabled=progress)
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    workers = min(cfg.workers, len(paths))
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                  initargs=(cfg.judge, cfg.label.subwords, str(tok.path), events, os.getpid()))
-    pending = {pool.submit(_judge_shard, str(p), jid): i for p, i in zip(paths, indices)}
     done: dict[int, dict[str, Any]] = {}
-    try:
-        while pending:
-            finished, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            drain_progress(events, bar)
-            for fut in finished:
-                done[pending.pop(fut)] = fut.result()  # re-raises a worker's UserError here
-        drain_progress(events, bar)
-    except cf.process.BrokenProcessPool:
-        lost = sorted(pending.values())
-        raise UserError(f"a worker process died while judging shard {lost[0] if lost else '?'} (killed or out of "
-                        "memory); rerun the same command to resume from the judged shards, with fewer --workers "
-                        "if memory is short")
-    finally:
-        pool.shutdown(wait=not pending, cancel_futures=True)
+    with ShardPool(min(cfg.workers, len(paths)), _init_worker, (cfg.judge, cfg.label.subwords, str(tok.path)), bar,
+                   doing="judging", kept="judged") as pool:
+        for path, index in zip(paths, indices):
+            pool.submit(index, _judge_shard, str(path), jid)
+        while pool.pending:
+            done.update(pool.wait())  # re-raises a worker's UserError here
     bar.close()
     return done
 

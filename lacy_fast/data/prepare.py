@@ -31,11 +31,8 @@ writing into the directory, and a rerun never races a leftover.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import json
-import multiprocessing as mp
-import os
 import random
 import time
 from pathlib import Path
@@ -43,7 +40,7 @@ from typing import Any, Iterator
 
 from lacy_fast.config import PrepareConfig, load_config
 from lacy_fast.data import shards as shard_io
-from lacy_fast.data.workers import die_with_parent, drain_progress, exit_if_orphaned
+from lacy_fast.data.workers import ShardPool, die_with_parent, exit_if_orphaned
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import write_bytes, write_json
@@ -165,33 +162,23 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     done_stats: dict[int, dict[str, Any]] = {}
     resumed = 0
     tokens_this_run = 0
-    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked spaCy or thread state
-    events = ctx.Queue()
-    pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
-                                  initargs=(cfg.label, str(tok_path), events, os.getpid()))
-    pending: dict[cf.Future, int] = {}
     try:
-        for index, texts in _chunks(read_documents(cfg.inputs, cfg.reader, skips), cfg.shard_docs):
-            previous = _finished(out, index, len(texts), tok.sha256)
-            if previous is not None:
-                done_stats[index] = previous
-                resumed += 1
-                bar.update(len(texts))
-                continue
-            pending[pool.submit(_label_shard, index, texts, str(out), tok.sha256, tok.vocab_size)] = index
-            del texts
-            while len(pending) > cfg.workers:  # bounded: at most workers + 1 shards in memory
-                tokens_this_run += _collect(pending, done_stats, events, bar, block_until_one=True)
-        while pending:
-            tokens_this_run += _collect(pending, done_stats, events, bar, block_until_one=True)
-        drain_progress(events, bar)
-    except cf.process.BrokenProcessPool:
-        lost = sorted(pending.values())
-        raise UserError(f"a worker process died while labeling shard {lost[0] if lost else '?'} (killed or out "
-                        "of memory); rerun the same command to resume from the finished shards, with fewer "
-                        "--workers if memory is short")
+        with ShardPool(cfg.workers, _init_worker, (cfg.label, str(tok_path)), bar, doing="labeling",
+                       kept="finished") as pool:
+            for index, texts in _chunks(read_documents(cfg.inputs, cfg.reader, skips), cfg.shard_docs):
+                previous = _finished(out, index, len(texts), tok.sha256)
+                if previous is not None:
+                    done_stats[index] = previous
+                    resumed += 1
+                    bar.update(len(texts))
+                    continue
+                pool.submit(index, _label_shard, index, texts, str(out), tok.sha256, tok.vocab_size)
+                del texts
+                while len(pool.pending) > cfg.workers:  # bounded: at most workers + 1 shards in memory
+                    tokens_this_run += _collect(pool, done_stats)
+            while pool.pending:
+                tokens_this_run += _collect(pool, done_stats)
     finally:
-        pool.shutdown(wait=not pending, cancel_futures=True)
         skips.close()
     bar.close()
     _remove_stale(out, len(done_stats))
@@ -322,20 +309,11 @@ def _finished(out: Path, index: int, n_docs: int, sha256: str) -> dict[str, Any]
     return stats
 
 
-def _collect(pending: dict[cf.Future, int], done_stats: dict[int, dict[str, Any]], events: Any, bar: Progress,
-             block_until_one: bool) -> int:
+def _collect(pool: ShardPool, done_stats: dict[int, dict[str, Any]]) -> int:
     """Wait (showing progress) until a shard finishes; record it; return its token count."""
-    tokens = 0
-    while True:
-        done, _ = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-        drain_progress(events, bar)
-        for fut in done:
-            index = pending.pop(fut)
-            stats = fut.result()  # re-raises a worker's exception here
-            done_stats[index] = stats
-            tokens += stats["tokens"]
-        if done or not block_until_one:
-            return tokens
+    finished = pool.wait()  # re-raises a worker's exception here
+    done_stats.update(finished)
+    return sum(stats["tokens"] for _, stats in finished)
 
 
 def _remove_stale(out: Path, n_shards: int) -> None:
