@@ -61,7 +61,9 @@ from lacy_fast.method import IMPLS  # the implementation names, defined once
 
 from .lacy_ce_reference import (
     CHUNKED,
+    RELABEL_RANKED,
     STRATEGIES,
+    LossOptions,
     chunk_rows,
     lacy_ce_one_pass,
     lacy_ce_torch,
@@ -415,9 +417,10 @@ def _launch_gemm_tn_acc(a, b, c) -> None:
 
 def row_stats_triton(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_nc, z_call, z_target), each (N,) fp32, without writing any logits: the forward
-    when no gradient is wanted (targets in [0, V)).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_nc, z_call, z_target, z_max), each (N,) fp32, without writing any logits: the
+    forward when no gradient is wanted (targets in [0, V); z_max the largest logit but
+    <CALL>'s, the max of the splits' maxima).
 
     Napkin math (N rows, D width, V vocabulary, e bytes per input element):
       FLOPs      2 N V D for the logit tiles (tensor cores) + ~6 N V for the epilogue
@@ -446,7 +449,7 @@ def row_stats_triton(
     if n:
         _launch_fwd(h, w, targets, call_id, m, s, z_target, z_call, None, n_splits)
     lse_nc = torch.logsumexp(m + torch.log(s), dim=0)  # (N,) combine the splits; log(0) = -inf is fine
-    return lse_nc, z_call, z_target
+    return lse_nc, z_call, z_target, m.amax(dim=0)
 
 
 def ordinary_triton(
@@ -459,7 +462,8 @@ def ordinary_triton(
     to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
     plain_ce: bool = False,  # strategy none (the chunked backend's shortcut; the kernels need none)
 ) -> tuple[torch.Tensor, ...]:
-    """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
+    """(lse_nc, z_call, z_target, z_max, grad_hidden, grad_weight): step 1 of the one-pass
+    algorithm (z_max: the largest logit but <CALL>'s, from the splits' maxima).
 
     Per chunk of C rows: the statistics kernel computes the logit tiles and writes them
     (input dtype) beside the row statistics; the dlogits kernel turns them in place into
@@ -497,6 +501,7 @@ def ordinary_triton(
     lse_nc = torch.empty(n, dtype=torch.float32, device=device)
     z_call = torch.zeros_like(lse_nc)
     z_target = torch.zeros_like(lse_nc)
+    z_max = torch.empty_like(lse_nc)
     grad_hidden = torch.empty_like(h)
     grad_weight = torch.zeros((vocab, d), dtype=torch.float32, device=device)
     for start in range(0, n, step):
@@ -507,12 +512,13 @@ def ordinary_triton(
         s = split_stats[n_splits * c_max:n_splits * (c_max + rows)].view(n_splits, rows)
         _launch_fwd(hc, w, targets[part], call_id, m, s, z_target[part], z_call[part], zc, n_splits)
         lse_nc[part] = torch.logsumexp(m + torch.log(s), dim=0)
+        z_max[part] = m.amax(dim=0)
         a, b, c = ordinary_coefs(lse_nc[part], z_call[part], coef[part], plain,
                                  None if to_call is None else to_call[part])
         _launch_dlogits(zc, None, w, lse_nc[part], a, b, c, targets[part], call_id)
         torch.mm(zc, w, out=grad_hidden[part])
         _launch_gemm_tn_acc(zc, hc, grad_weight)
-    return lse_nc, z_call, z_target, grad_hidden, grad_weight
+    return lse_nc, z_call, z_target, z_max, grad_hidden, grad_weight
 
 
 def delta_weight_triton(
@@ -565,19 +571,24 @@ def _lacy_ce(
     call_fraction: float,
     ignore_index: int,
     renormalize: bool,
+    call_weight: float,
+    weight_by_error: bool,
     bound: int,
     grads: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale): the forward, with
-    the gradients of the loss when ``grads`` (else empty), see ``lacy_ce_one_pass``."""
+    the gradients of the loss when ``grads`` (else empty), see ``lacy_ce_one_pass``. The
+    scalar options travel as separate arguments (the schema takes no structs) and become one
+    ``LossOptions`` here."""
+    opts = LossOptions(strategy, call_fraction, ignore_index, renormalize, call_weight, weight_by_error)
     return lacy_ce_one_pass(TRITON if impl == "triton" else CHUNKED, hidden, weight, targets, flags, ref_nll,
-                            call_id, strategy, call_fraction, ignore_index, renormalize, bound, grads)
+                            call_id, opts, bound, grads)
 
 
 @_lacy_ce.register_fake
-def _(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, ignore_index, renormalize, bound,
-      grads, impl):
+def _(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, ignore_index, renormalize,
+      call_weight, weight_by_error, bound, grads, impl):
     n = hidden.shape[0]
     sdt = stat_dtype(hidden.dtype)
     row = hidden.new_empty(n, dtype=sdt)
@@ -598,12 +609,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:  # the loss itself took no part in what was differentiated
-        return (None,) * 13
+        return (None,) * 15
     grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
     scale = grad_loss.to(grad_scale.dtype) * grad_scale  # NaN when the selection bound was exceeded
     return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
             grad_weight * scale if ctx.needs_input_grad[1] else None,
-            *[None] * 11)
+            *[None] * 13)
 
 
 _lacy_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -631,6 +642,8 @@ def lacy_linear_cross_entropy(
     impl: str = "auto",
     renormalize: bool = True,
     max_selected: int | None = None,
+    call_weight: float = 1.0,
+    weight_by_error: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """LM head + LaCy loss without an (N, V) logits buffer (except ``impl="torch"``).
 
@@ -654,6 +667,12 @@ def lacy_linear_cross_entropy(
              host, as in training); None: floor(call_fraction N) (correct, slower). Used by
              the ranked strategies (lacy, loss, rho, ignore); if the batch selects more,
              the loss and gradients are NaN. Ignored by ``impl="torch"``.
+    call_weight  lambda in (0, 1]: a selected row's loss is (1 - lambda) x its ordinary
+             loss + lambda x -log p(CALL) (soft relabeling: a learnable target keeps a
+             ground-truth gradient); 1, the default, is the paper's relabel. Ranked
+             strategies that relabel (lacy, loss, rho) only.
+    weight_by_error  lambda_i = call_weight x (1 - p(y) / p_max) per selected row, 0 where
+             the target is already the most likely real token (the [IDK]-token objective).
 
     Returns (loss, stats): loss is a float32 scalar, the mean over counted positions (0 with
     zero gradients when none is counted), differentiable w.r.t. hidden and weight; stats
@@ -666,15 +685,27 @@ def lacy_linear_cross_entropy(
     """
     impl = _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,
                        max_selected)
+    _check_call_weight(strategy, call_weight, weight_by_error)
     if impl == "torch":
         return lacy_ce_torch(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll,
-                             ignore_index, renormalize)
+                             ignore_index, renormalize, call_weight=float(call_weight),
+                             weight_by_error=bool(weight_by_error))
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     bound = static_bound(strategy, call_fraction, hidden.shape[0]) if max_selected is None else max_selected
     loss, nll, is_call, p_call, *_ = _lacy_ce(hidden, weight, targets, flags, ref_nll if strategy == "rho" else None,
                                               call_id, strategy, float(call_fraction), ignore_index, renormalize,
-                                              bound, grads, impl)
+                                              float(call_weight), bool(weight_by_error), bound, grads, impl)
     return loss, {"nll": nll, "is_call": is_call, "p_call": p_call}
+
+
+def _check_call_weight(strategy: str, call_weight: float, weight_by_error: bool) -> None:
+    if isinstance(call_weight, bool) or not isinstance(call_weight, (int, float)) or not 0.0 < call_weight <= 1.0:
+        raise LacyLossArgumentError(f"call_weight is {call_weight!r}; it must lie in (0, 1] (1: the paper's relabel)")
+    if not isinstance(weight_by_error, bool):
+        raise LacyLossArgumentError(f"weight_by_error must be True or False; got {weight_by_error!r}")
+    if (call_weight != 1.0 or weight_by_error) and strategy not in RELABEL_RANKED:
+        raise LacyLossArgumentError(f"a soft relabel (call_weight < 1 or weight_by_error) applies to the ranked "
+                                    f"strategies that relabel ({', '.join(RELABEL_RANKED)}), not to {strategy!r}")
 
 
 def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,

@@ -85,12 +85,14 @@ from __future__ import annotations
 import math
 import os
 import types
+from dataclasses import dataclass
 
 import torch
 
 # The strategy names, the flag bits and the valid-target rule are defined once, in
 # lacy_fast.method; they are imported (and re-exported) here.
-from lacy_fast.method import FLAG_FACT, FLAG_JUDGE, RANK_FACTS, RANKED, STRATEGIES, valid_targets  # noqa: F401
+from lacy_fast.method import (FLAG_FACT, FLAG_JUDGE, RANK_FACTS, RANKED, RELABEL_RANKED, STRATEGIES,  # noqa: F401
+                              valid_targets)
 
 # Rows per chunk are chosen so one chunk of logits (rows x V) holds about as many elements
 # as the larger of hidden (N x D) and weight (V x D): the extra memory stays O(N*D + V*D)
@@ -196,6 +198,53 @@ def selection_bound(count: int, n_rows: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# The objective's options, and the weight of <CALL> on a selected row
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The op's scalar options, one value below the custom op's schema (which takes them as
+    separate arguments), so a new option is added here and in the schema, not in every
+    function between them."""
+
+    strategy: str = "lacy"
+    call_fraction: float = 0.6
+    ignore_index: int = -100
+    renormalize: bool = True
+    call_weight: float = 1.0  # lambda: the <CALL> share of a selected row's loss (1: the paper's relabel)
+    weight_by_error: bool = False  # lambda_i = call_weight (1 - p(y) / p_max) ([IDK]-token objective)
+
+    @property
+    def soft(self) -> bool:
+        """Whether a selected row keeps part of its ground-truth loss."""
+        return self.call_weight != 1.0 or self.weight_by_error
+
+    @property
+    def plain(self) -> bool:
+        """Whether ordinary rows are scored by plain cross-entropy over the full vocabulary."""
+        return self.strategy == "none" or not self.renormalize
+
+
+def call_weights(opts: LossOptions, z_target: torch.Tensor, z_max: torch.Tensor) -> torch.Tensor | None:
+    """(N,) lambda_i of every row (used on the selected ones), or None for the paper's relabel.
+
+    A selected row's loss is (1 - lambda_i) ordinary(y) + lambda_i (-log p(CALL)). Fixed:
+    lambda_i = call_weight. By error (Cohen et al. 2024's [IDK] objective): lambda_i =
+    call_weight (1 - p(y) / p_max) with p_max the row's largest probability among the real
+    tokens: 0 where the target is already the argmax, near call_weight where the model is
+    far from it. p(y) / p_max = exp(z_y - z_max) needs no normaliser. Detached: the weight
+    is a coefficient of the loss, not a path for its gradient.
+    """
+    if not opts.soft:
+        return None
+    if not opts.weight_by_error:
+        return torch.full_like(z_target, opts.call_weight)
+    ratio = torch.exp(torch.clamp(z_target - z_max, max=0.0))  # (N,) p(y) / p_max in [0, 1]
+    return (opts.call_weight * (1.0 - ratio)).detach()
+
+
+# ----------------------------------------------------------------------------------------
 # The reference: materialised logits, autograd does the backward
 # ----------------------------------------------------------------------------------------
 
@@ -212,6 +261,8 @@ def lacy_ce_torch(
     ignore_index: int = -100,
     renormalize: bool = True,
     selected: torch.Tensor | None = None,
+    call_weight: float = 1.0,
+    weight_by_error: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The LaCy loss written the obvious way, over materialised (N, V) logits.
 
@@ -235,7 +286,11 @@ def lacy_ce_torch(
     if selected is None:
         selected = select_calls(strategy, nll, valid, flags, call_fraction, ref_nll)
     ordinary = full_nll if strategy == "none" or not renormalize else nll
-    per_row = torch.where(selected, call_nll, ordinary)
+    opts = LossOptions(strategy, call_fraction, ignore_index, renormalize, call_weight, weight_by_error)
+    z_max = logits.masked_fill(~no_call, float("-inf")).amax(dim=1)  # (N,) the largest real-token logit
+    lam = call_weights(opts, logits.gather(1, y[:, None])[:, 0], z_max)  # (N,) or None
+    call_row = call_nll if lam is None else ordinary + lam * (call_nll - ordinary)
+    per_row = torch.where(selected, call_row, ordinary)
     counted = valid & ~selected if strategy == "ignore" else valid
     per_row = torch.where(counted, per_row, 0.0)
     loss = per_row.sum() / counted.sum().clamp(min=1)
@@ -252,20 +307,21 @@ def finish_rows(
     lse_nc: torch.Tensor,  # (N,) log-sum-exp over every column but <CALL>
     z_call: torch.Tensor,  # (N,) the <CALL> logit
     z_target: torch.Tensor,  # (N,) the target logit (anything where there is no target)
+    lam: torch.Tensor | None,  # (N,) call_weights (None: the paper's relabel)
     valid: torch.Tensor,  # (N,) bool
     flags: torch.Tensor,
-    strategy: str,
-    call_fraction: float,
     ref_nll: torch.Tensor | None,
-    renormalize: bool,
+    opts: LossOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, nll, is_call, p_call), all on device."""
+    strategy = opts.strategy
     lse = torch.logaddexp(lse_nc, z_call)  # (N,) full log-normaliser, stable
     nll = torch.where(valid, lse_nc - z_target, 0.0)
     p_call = torch.exp(z_call - lse)
-    selected = select_calls(strategy, nll, valid, flags, call_fraction, ref_nll)
-    ordinary = lse - z_target if strategy == "none" or not renormalize else nll
-    row_loss = torch.where(selected, lse - z_call, ordinary)
+    selected = select_calls(strategy, nll, valid, flags, opts.call_fraction, ref_nll)
+    ordinary = lse - z_target if opts.plain else nll
+    call_row = lse - z_call if lam is None else ordinary + lam * (lse - z_call - ordinary)
+    row_loss = torch.where(selected, call_row, ordinary)
     counted = valid & ~selected if strategy == "ignore" else valid
     denom = counted.sum().clamp(min=1).to(lse.dtype)
     loss = torch.where(counted, row_loss, 0.0).sum() / denom
@@ -312,10 +368,7 @@ def lacy_ce_one_pass(
     flags: torch.Tensor,
     ref_nll: torch.Tensor | None,
     call_id: int,
-    strategy: str,
-    call_fraction: float,
-    ignore_index: int,
-    renormalize: bool,
+    opts: LossOptions,
     bound: int,
     grads: bool,
 ) -> tuple[torch.Tensor, ...]:
@@ -330,12 +383,13 @@ def lacy_ce_one_pass(
     n = hidden.shape[0]
     vocab = weight.shape[0]
     sdt = stat_dtype(hidden.dtype)
-    valid = valid_targets(targets, vocab, call_id, ignore_index)
+    strategy, call_fraction = opts.strategy, opts.call_fraction
+    valid = valid_targets(targets, vocab, call_id, opts.ignore_index)
     y = torch.where(valid, targets, 0)  # (N,) a harmless column where there is no target
     if not grads:
-        lse_nc, z_call, z_target = backend.row_stats(hidden, weight, y, call_id)
-        loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, valid, flags, strategy, call_fraction,
-                                                  ref_nll, renormalize)
+        lse_nc, z_call, z_target, z_max = backend.row_stats(hidden, weight, y, call_id)
+        loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, call_weights(opts, z_target, z_max),
+                                                  valid, flags, ref_nll, opts)
         return (loss, nll, selected, p_call, hidden.new_empty(0), weight.new_empty(0),
                 torch.ones((), dtype=sdt, device=hidden.device))
 
@@ -346,34 +400,41 @@ def lacy_ce_one_pass(
     # (N,) d loss / d row loss; 0 when nothing is counted (``ignore`` dropping every row), so
     # the gradients are exactly zero then, not a sum cancelled by the correction.
     coef = torch.where(n_counted > 0, valid.to(sdt) / n_counted.clamp(min=1).to(sdt), 0.0)
-    plain = strategy == "none" or not renormalize
     # spacy and judge select by the flags alone: their rows get the <CALL> gradient right away.
     to_call = None if strategy in RANKED or strategy == "none" else \
         select_calls(strategy, torch.zeros_like(coef), valid, flags, call_fraction)
-    lse_nc, z_call, z_target, grad_hidden, grad_weight = backend.ordinary(hidden, weight, y, coef, call_id, plain,
-                                                                          to_call, strategy == "none")
+    lse_nc, z_call, z_target, z_max, grad_hidden, grad_weight = backend.ordinary(
+        hidden, weight, y, coef, call_id, opts.plain, to_call, strategy == "none")
     # 2. Selection.
-    loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, valid, flags, strategy, call_fraction,
-                                              ref_nll, renormalize)
+    lam = call_weights(opts, z_target, z_max)
+    loss, nll, selected, p_call = finish_rows(lse_nc, z_call, z_target, lam, valid, flags, ref_nll, opts)
     grad_scale = torch.ones((), dtype=sdt, device=hidden.device)
     # 3. The correction of the selected rows (ranked strategies: selected by the scores).
     if strategy in RANKED and bound > 0 and n > 0:
-        _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected, grad_hidden, grad_weight,
-                          call_id, strategy, renormalize, bound)
+        _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, lam, selected, grad_hidden, grad_weight,
+                          call_id, opts, bound)
         grad_scale = torch.where(selected.sum() <= bound, grad_scale, float("nan"))
         loss = loss * grad_scale
     return loss, nll, selected, p_call, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), grad_scale
 
 
-def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected, grad_hidden, grad_weight,
-                      call_id, strategy, renormalize, bound) -> None:
-    """Step 3 of the one-pass algorithm, in place on grad_hidden and grad_weight (fp32)."""
+def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, lam, selected, grad_hidden, grad_weight,
+                      call_id, opts, bound) -> None:
+    """Step 3 of the one-pass algorithm, in place on grad_hidden and grad_weight (fp32).
+
+    A soft row (``lam`` not None; never for ignore) moves lam_i of the way from its
+    ordinary gradient to the <CALL> one: its loss is linear in lam_i, a detached weight,
+    so its grad_weight change is lam_i times the hard change (coef scaled by lam_i) and its
+    grad_hidden is dh + lam_i (hard dh - dh).
+    """
+    strategy, renormalize = opts.strategy, opts.renormalize
     sdt = grad_weight.dtype
     # The selected positions first, in order, then unselected padding up to ``bound`` rows:
     # distinct indices whatever the count, so the write-back below has no conflicts.
     rows = torch.argsort(selected.to(torch.uint8), descending=True, stable=True)[:bound]  # (k,)
     live = selected[rows]
     coef_sel = torch.where(live, coef[rows], 0.0)  # padding rows change nothing
+    lam_sel = None if lam is None else lam[rows].to(sdt)  # (k,)
     y_sel = y[rows]
     lse_nc_sel, z_call_sel = lse_nc[rows], z_call[rows]
     keep = torch.sigmoid(lse_nc_sel - z_call_sel)  # 1 - p_c, accurate when p_c is near 1
@@ -387,6 +448,9 @@ def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected
         changed = weight[y_sel].to(sdt).sub_(weight[call_id].to(sdt)).mul_(coef_sel[:, None]).add_(dh)
         if renormalize:
             changed.mul_(keep[:, None])
+        if lam_sel is not None:  # dh + lam (hard - dh)
+            changed = changed.sub_(dh).mul_(lam_sel[:, None]).add_(dh)
+        coef_sel = coef_sel if lam_sel is None else coef_sel * lam_sel  # the weight change scales with lam
     grad_hidden.index_copy_(0, rows, torch.where(live[:, None], changed, dh).to(grad_hidden.dtype))
 
     if strategy != "ignore" and not renormalize:  # one-hot parts only: no recomputation
@@ -406,9 +470,9 @@ def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, selected
 
 def row_stats_chunked(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_nc, z_call, z_target), each (N,), one chunk of rows at a time (``targets`` in
-    [0, V)). The forward without gradients.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_nc, z_call, z_target, z_max), each (N,), one chunk of rows at a time (``targets``
+    in [0, V); z_max the largest logit but <CALL>'s). The forward without gradients.
 
     The chunk's logits are computed in fp32 (fp64 for fp64 inputs): on a CPU a fp32 matmul
     is as fast as a bf16 one and loses nothing. Peak extra memory: one chunk of logits.
@@ -420,6 +484,7 @@ def row_stats_chunked(
     lse_nc = torch.empty(n, dtype=sdt, device=hidden.device)
     z_call = torch.empty_like(lse_nc)
     z_target = torch.empty_like(lse_nc)
+    z_max = torch.empty_like(lse_nc)
     step = chunk_rows(n, d, vocab)
     for start in range(0, n, step):
         rows = slice(start, start + step)
@@ -428,8 +493,9 @@ def row_stats_chunked(
         z_call[rows] = z[:, call_id]
         z[:, call_id] = float("-inf")
         top = z.amax(dim=1)  # (C,) log-sum-exp in place: one chunk buffer, no temporaries
+        z_max[rows] = top
         lse_nc[rows] = top + z.sub_(top[:, None]).exp_().sum(dim=1).log()
-    return lse_nc, z_call, z_target
+    return lse_nc, z_call, z_target, z_max
 
 
 def ordinary_chunked(
@@ -442,7 +508,9 @@ def ordinary_chunked(
     to_call: torch.Tensor | None = None,  # (N,) bool: rows whose target is <CALL> from the start
     plain_ce: bool = False,  # strategy none: plain cross-entropy, lse_nc only a statistic
 ) -> tuple[torch.Tensor, ...]:
-    """(lse_nc, z_call, z_target, grad_hidden, grad_weight): step 1 of the one-pass algorithm.
+    """(lse_nc, z_call, z_target, z_max, grad_hidden, grad_weight): step 1 of the one-pass
+    algorithm (z_max: the largest logit but <CALL>'s; for ``plain_ce``, <CALL>'s included,
+    which nothing reads: strategy none selects no row).
 
     Per chunk of C rows, three matmuls: the logits Z (C, V); E = exp(Z - rowmax) in place
     (0 at <CALL>), whose row sums give lse_nc; then, with dz = s E + c onehot(CALL) +
@@ -465,6 +533,7 @@ def ordinary_chunked(
     lse_nc = torch.empty(n, dtype=sdt, device=hidden.device)
     z_call = torch.empty_like(lse_nc)
     z_target = torch.empty_like(lse_nc)
+    z_max = torch.empty_like(lse_nc)
     grad_hidden = torch.empty((n, d), dtype=sdt, device=hidden.device)
     grad_weight = torch.zeros((vocab, d), dtype=sdt, device=weight.device)
     step = chunk_rows(n, d, vocab)
@@ -477,6 +546,7 @@ def ordinary_chunked(
         z_call[rows] = z[:, call_id]
         if plain_ce:
             top = z.amax(dim=1)  # (C,) over every column
+            z_max[rows] = top
             e = z.sub_(top[:, None]).exp_()  # exp(z - top)
             total = e[:, :call_id].sum(dim=1) + e[:, call_id + 1:].sum(dim=1)  # without <CALL>
             lse_nc[rows] = top + total.log()
@@ -485,6 +555,7 @@ def ordinary_chunked(
         else:
             z[:, call_id] = float("-inf")
             top = z.amax(dim=1)  # (C,)
+            z_max[rows] = top
             e = z.sub_(top[:, None]).exp_()  # exp(z - top), 0 at <CALL>
             total = e.sum(dim=1)
             lnc = top + total.log()
@@ -498,7 +569,7 @@ def ordinary_chunked(
         torch.addcmul(one_hot, s, e @ w, out=grad_hidden[rows])
         grad_weight.addmm_(e.T, s * h)
         _add_one_hot_rows(grad_weight, y, b, c, h, call_id)
-    return lse_nc, z_call, z_target, grad_hidden, grad_weight
+    return lse_nc, z_call, z_target, z_max, grad_hidden, grad_weight
 
 
 def _add_one_hot_rows(grad_weight, targets, b, c, h, call_id) -> None:

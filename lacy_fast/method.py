@@ -34,6 +34,9 @@ STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge", "ignore")
 RANKED = ("lacy", "loss", "rho", "ignore")
 RANK_FACTS = ("lacy", "ignore")  # candidates: the fact targets; share: objective.call_fraction
 RANK_ALL = ("loss", "rho")  # candidates: every valid target; share: objective.call_rate
+# Ranked strategies whose selected targets become <CALL> (ignore drops them instead): the
+# ones a soft relabel (objective.call_weight < 1) applies to.
+RELABEL_RANKED = ("lacy", "loss", "rho")
 # Loss implementations (kernels/lacy_ce.py): auto picks triton on CUDA, chunked elsewhere.
 IMPLS = ("auto", "triton", "torch", "chunked")
 

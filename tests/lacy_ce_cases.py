@@ -44,11 +44,13 @@ class Case:
     truth: dict  # fp64 results
     ref: dict  # reference in the test dtype
     renormalize: bool = True
+    call_weight: float = 1.0
+    weight_by_error: bool = False
 
     def kwargs(self) -> dict:
         return dict(call_id=self.call_id, strategy=self.strategy, call_fraction=self.call_fraction,
                     ref_nll=self.ref_nll if self.strategy == "rho" else None, ignore_index=IGNORE,
-                    renormalize=self.renormalize)
+                    renormalize=self.renormalize, call_weight=self.call_weight, weight_by_error=self.weight_by_error)
 
     def host_count(self) -> int:
         """The selection count the training loop computes on the host from the batch's
@@ -76,21 +78,24 @@ def run(fn, hidden, weight, case: Case, device="cpu", **extra) -> dict:
 
 
 def make_case(strategy: str, dtype: torch.dtype, *, n=37, d=48, v=211, call_id=105, call_fraction=0.6,
-              edge: str | None = None, seed: int = 0, renormalize: bool = True) -> Case:
+              edge: str | None = None, seed: int = 0, renormalize: bool = True, call_weight: float = 1.0,
+              weight_by_error: bool = False) -> Case:
     """A case whose selection is the same in every dtype (see the module docstring).
 
     edge: None, "all_ignored" (no valid target), "no_facts", "all_facts", or "all_selected"
     (every target valid and flagged fact and judge: with call_fraction=1 every
-    strategy but none selects all N rows).
+    strategy but none selects all N rows). call_weight, weight_by_error: the soft relabel.
     """
+    soft = (call_weight, weight_by_error)
     for attempt in range(200):
-        case = _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed * 1000 + attempt, renormalize)
+        case = _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed * 1000 + attempt, renormalize,
+                        soft)
         if _margin_ok(case):
             return case
     raise RuntimeError(f"no seed gave a selection margin for {strategy} {dtype} {edge}; widen the score spread")
 
 
-def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed, renormalize) -> Case:
+def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed, renormalize, soft) -> Case:
     gen = torch.Generator().manual_seed(seed)
     # logits ~ N(0, 2^2): nll between ~1 and ~12, a realistic range for a 211-token vocabulary
     hidden = torch.randn(n, d, generator=gen).to(dtype)
@@ -113,7 +118,7 @@ def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed, renor
     ref_nll = torch.rand(n, generator=gen) * 6.0
     upstream = float(0.5 + torch.rand((), generator=gen))
     case = Case(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, upstream, {}, {},
-                renormalize)
+                renormalize, *soft)
     case.truth = run(lacy_ce_torch, hidden.double(), weight.double(), case)
     case.ref = run(lacy_ce_torch, hidden, weight, case)
     return case

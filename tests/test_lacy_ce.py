@@ -29,6 +29,8 @@ from lacy_fast.kernels.lacy_ce_reference import (
     CHUNK_ROWS_ENV,
     CHUNKED,
     RANKED,
+    RELABEL_RANKED,
+    LossOptions,
     chunk_rows,
     lacy_ce_one_pass,
     select_calls,
@@ -81,6 +83,75 @@ def run_impl(case, impl, device=DEVICE, hint="loop"):
 def test_matches_fp64_truth(strategy, impl, dtype, call_pos, renormalize):
     case = cached_case(strategy, dtype, call_id=CALL_IDS[call_pos], renormalize=renormalize)
     check(run_impl(case, impl), case)
+
+
+SOFT = [pytest.param((0.3, False), id="fixed0.3"), pytest.param((0.8, True), id="byerror0.8")]
+
+
+@pytest.mark.parametrize("soft", SOFT)
+@pytest.mark.parametrize("renormalize", RENORMALIZE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("strategy", RELABEL_RANKED)
+def test_soft_relabel_matches_fp64_truth(strategy, impl, dtype, renormalize, soft):
+    """objective.call_weight (fixed, or scaled by the row's error): loss, stats and both
+    gradients against the fp64 truth, every implementation, <CALL> at the last column."""
+    call_weight, by_error = soft
+    case = cached_case(strategy, dtype, call_id=CALL_IDS["end"], renormalize=renormalize, call_weight=call_weight,
+                       weight_by_error=by_error)
+    check(run_impl(case, impl), case)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_soft_relabel_edges(impl):
+    """Every row selected (k = N), and no bound hint (the correction's padding rows)."""
+    case = cached_case("lacy", torch.float32, call_id=CALL_IDS["middle"], edge="all_selected", call_fraction=1.0,
+                       call_weight=0.6, weight_by_error=True)
+    check(run_impl(case, impl), case)
+    case = cached_case("loss", torch.float32, call_id=CALL_IDS["middle"], call_weight=0.25)
+    check(run_impl(case, impl, hint="none"), case)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_soft_relabel_by_hand(impl):
+    """The by-hand case of test_semantics_by_hand with lambda: a selected row's loss is
+    (1 - lambda) nll(y) + lambda (-log p(CALL)); by error, lambda = w (1 - p(y) / p_max), so
+    a selected row whose target is already the argmax keeps its ordinary loss alone."""
+    call_id = 3
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, 0.3],  # fact, target 2: high nll -> selected
+                           [3.0, 0.1, 0.2, -0.5, 1.0, 0.0],  # fact, target 0: low nll
+                           [0.0, 1.0, 2.0, 0.5, -2.0, 1.5],  # not a fact
+                           [0.2, -0.3, 0.9, 2.5, 0.4, 2.7]], dtype=torch.float64)  # fact, target 5: the argmax
+    targets = torch.tensor([2, 0, 5, 5])
+    flags = torch.tensor([1, 1, 0, 1], dtype=torch.uint8)
+    dtype = torch.float64 if impl in ("torch", "chunked") else torch.float32
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for call_weight, by_error in ((0.4, False), (0.9, True)):
+        h = logits.to(dtype).to(DEVICE).clone().requires_grad_()
+        w = torch.eye(6, dtype=dtype, device=DEVICE).requires_grad_()
+        loss, stats = lacy_linear_cross_entropy(h, w, targets.to(DEVICE), flags.to(DEVICE), call_id, strategy="lacy",
+                                                call_fraction=0.67, impl=impl, call_weight=call_weight,
+                                                weight_by_error=by_error)
+        loss.backward()
+        assert stats["is_call"].cpu().tolist() == [True, False, False, True]  # floor(0.67 * 3) = 2 highest nll
+        log_p = torch.log_softmax(logits, -1)
+        real = torch.tensor([v != call_id for v in range(6)])
+        log_q = torch.log_softmax(logits.masked_fill(~real, float("-inf")), -1)
+        grads, total = torch.zeros_like(logits), 0.0
+        for i in range(4):
+            y, p, q = int(targets[i]), log_p[i].exp(), log_q[i].exp()
+            dq = q - torch.eye(6, dtype=torch.float64)[y]
+            dp = p - torch.eye(6, dtype=torch.float64)[call_id]
+            lam = 0.0
+            if stats["is_call"][i]:
+                lam = call_weight * (1 - float(q[y] / q[real].max())) if by_error else call_weight
+            total += (1 - lam) * float(-log_q[i, y]) + lam * float(-log_p[i, call_id])
+            grads[i] = (1 - lam) * dq + lam * dp
+        if by_error:  # row 3's target is its argmax: no <CALL> term at all
+            assert float(logits[3, 5]) == float(logits[3, real].max())
+        assert abs(float(loss) - total / 4) < tol
+        assert torch.allclose(h.grad.cpu().double(), grads / 4, atol=tol, rtol=0)
+        assert torch.allclose(w.grad.cpu().double(), (grads / 4).T @ logits, atol=tol * 10, rtol=0)
 
 
 @pytest.mark.parametrize("renormalize", RENORMALIZE)
@@ -391,7 +462,7 @@ def test_opcheck(grads, renormalize):
     case = cached_case("rho", torch.float32, call_id=CALL_IDS["middle"])
     h = case.hidden.clone().requires_grad_(grads)
     w = case.weight.clone().requires_grad_(grads)
-    args = (h, w, case.targets, case.flags, case.ref_nll, case.call_id, "rho", 0.6, IGNORE, renormalize,
+    args = (h, w, case.targets, case.flags, case.ref_nll, case.call_id, "rho", 0.6, IGNORE, renormalize, 0.5, True,
             loop_bound(case), grads, "chunked")
     torch.library.opcheck(torch.ops.lacy_fast.lacy_ce.default, args)
 
@@ -408,8 +479,8 @@ def test_chunked_path_runs_on_meta_tensors(strategy, renormalize, monkeypatch):
     h, w = torch.empty(n, d, **meta), torch.empty(v, d, **meta)
     targets, flags = torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, dtype=torch.uint8, **meta)
     for grads in (True, False):
-        out = lacy_ce_one_pass(CHUNKED, h, w, targets, flags, torch.empty(n, **meta), call_id, strategy, 0.6,
-                               IGNORE, renormalize, 20, grads)
+        opts = LossOptions(strategy, 0.6, IGNORE, renormalize, *((0.5, True) if strategy in RELABEL_RANKED else ()))
+        out = lacy_ce_one_pass(CHUNKED, h, w, targets, flags, torch.empty(n, **meta), call_id, opts, 20, grads)
         loss, _, is_call, _, grad_h, grad_w, scale = out
         assert loss.shape == () and is_call.dtype == torch.bool and scale.shape == ()
         assert (grad_h.shape, grad_w.shape) == ((h.shape, w.shape) if grads else ((0,), (0,)))
@@ -473,6 +544,11 @@ def test_chunked_allocates_no_n_by_v_buffer(monkeypatch):
     ({"targets": torch.zeros(36, dtype=torch.int64)}, "must both be"),
     ({"flags": torch.zeros(37)}, "flags an integer tensor"),
     ({"hidden": torch.zeros(37, 47)}, "must be \\(N, D\\) and \\(V, D\\)"),
+    ({"call_weight": 0.0}, "call_weight is 0.0; it must lie in \\(0, 1\\]"),
+    ({"call_weight": 1.5}, "call_weight is 1.5"),
+    ({"weight_by_error": 1}, "weight_by_error must be True or False"),
+    ({"strategy": "spacy", "call_weight": 0.5}, "not to 'spacy'"),
+    ({"strategy": "ignore", "weight_by_error": True}, "not to 'ignore'"),
 ])
 def test_bad_arguments_raise_one_sentence(change, fragment):
     args = dict(hidden=torch.zeros(37, 48), weight=torch.zeros(211, 48), targets=torch.zeros(37, dtype=torch.int64),
