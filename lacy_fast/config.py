@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from lacy_fast.errors import ConfigError, UserError
-from lacy_fast.method import IMPLS, STRATEGIES  # noqa: F401  (STRATEGIES re-exported)
+from lacy_fast.method import IMPLS, RANKED, RELABEL_RANKED, STRATEGIES  # noqa: F401  (STRATEGIES re-exported)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -239,11 +239,28 @@ class ObjectiveConfig(Config):
     ignore_index: int = doc(-100, "target value that marks a position without a target")
     renormalize: bool = doc(True, "score targets that stay on the softmax without <CALL>, renormalised (the paper); "
                                   "false: plain cross-entropy over the full vocabulary, so they push p(<CALL>) down")
+    call_weight: float = doc(1.0, "lambda in (0, 1]: a selected target trains on (1 - lambda) x its ground-truth loss + "
+                                  "lambda x the <CALL> loss, so a learnable fact keeps a ground-truth gradient (soft "
+                                  "relabeling; 1: the paper's relabel; lacy, loss and rho)")
+    call_weight_by_error: bool = doc(False, "scale lambda per target by its own error, 1 - p(y) / p_max (the [IDK]-token "
+                                            "objective): 0 where the target is already the most likely token")
+    warmup_share: float = doc(0.0, "share of train.max_gt_tokens trained with no relabeling before the strategy "
+                                   "starts ranking, so the first ranking is made by a model that has learned something "
+                                   "(ranked strategies; needs train.max_gt_tokens)")
 
     def check(self) -> None:
-        self._fraction("call_fraction")
+        self._fraction("call_fraction", "warmup_share")
         if self.call_rate != "auto":
             self._fraction("call_rate")
+        if not 0.0 < self.call_weight <= 1.0:
+            raise ConfigError("call_weight", f"is {self.call_weight!r}; it must lie in (0, 1] (1: the paper's relabel)")
+        soft = self.call_weight != 1.0 or self.call_weight_by_error
+        if soft and self.strategy not in RELABEL_RANKED:
+            raise ConfigError("call_weight", f"(or call_weight_by_error) applies to the strategies {', '.join(RELABEL_RANKED)}, "
+                                             f"not to strategy={self.strategy}")
+        if self.warmup_share > 0 and self.strategy not in RANKED:
+            raise ConfigError("warmup_share", f"applies to the ranked strategies {', '.join(RANKED)}, not to "
+                                              f"strategy={self.strategy}")
 
 
 @dataclass
@@ -288,9 +305,16 @@ class TrainConfig(Config):
     compile: bool = doc(False, "torch.compile the model")
     profile_start: int = doc(0, "first step of the torch.profiler trace window (OUT/profile/)")
     profile_steps: int = doc(0, "steps traced by torch.profiler (0: no trace)")
+    probe: str = doc("", "a `lacy-fast prepare` directory (the training data's tokenizer) whose ground-truth nll, "
+                         "overall and on fact targets, and p(<CALL>) on facts are measured every probe_every steps "
+                         "(metrics.jsonl: probe_nll, probe_fact_nll, probe_p_call); empty: no probe")
+    probe_every: int = doc(100, "steps between probe measurements (and one at the last step)")
+    track_selection: bool = doc(True, "log selection_persistence and selection_chance for the ranked strategies "
+                                      "(one byte of host memory per corpus token, up to 2^30 tokens)")
 
     def check(self) -> None:
-        self._positive("max_steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "log_every", "keep_last")
+        self._positive("max_steps", "seq_len", "micro_batch_size", "grad_accum", "lr", "log_every", "keep_last",
+                       "probe_every")
         self._non_negative("max_gt_tokens", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
                            "ckpt_every", "peak_tflops", "profile_start", "profile_steps")
         self._fraction("min_lr_ratio")
@@ -316,6 +340,9 @@ class RunConfig(Config):
             )
         if self.objective.strategy == "rho" and not self.objective.ref_checkpoint:
             raise ConfigError("objective.ref_checkpoint", "is unset; strategy=rho needs a reference model export")
+        if self.objective.warmup_share > 0 and self.train.max_gt_tokens == 0:
+            raise ConfigError("objective.warmup_share", "is a share of train.max_gt_tokens, which is unset; set "
+                                                        "train.max_gt_tokens")
 
 
 # ----------------------------------------------------------------------------------------

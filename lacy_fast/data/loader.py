@@ -43,11 +43,18 @@ class Batch:
     # Stream position after this batch, for sources whose position is not a function of
     # the step (the online prefetcher); the loop checkpoints it per rank.
     position: dict | None = None
+    # (B, T) int64 on the host: each target's index in the prepared corpus (the same token
+    # in every epoch), for the selection-persistence metric; None where unknown (online).
+    target_ids: np.ndarray | None = None
+    # (B, T) float32: the reference model's nll of each target (strategy rho), read from the
+    # shards' sidecars (``ShardBatches.ref_sidecar``); None: the loop computes it.
+    ref_nll: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
         move = dict(device=device, non_blocking=True)
         return dataclasses.replace(self, idx=self.idx.to(**move), targets=self.targets.to(**move),
-                                   flags=self.flags.to(**move))
+                                   flags=self.flags.to(**move),
+                                   ref_nll=None if self.ref_nll is None else self.ref_nll.to(**move))
 
 
 def make_batch(tokens: np.ndarray, flags: np.ndarray, pin: bool, targets: Targets) -> Batch:
@@ -81,6 +88,7 @@ class ShardBatches:
         self.targets = Targets(self.tokenizer.vocab_size, self.tokenizer.call_id, ignore_index)
         self.seq_len, self.micro_batch, self.grad_accum = seq_len, micro_batch, grad_accum
         self.world, self.rank, self.seed, self.pin = world, rank, seed, pin
+        self.ref_sidecar: str | None = None  # a per-token sidecar of reference nll to attach to batches
         self._epoch: int | None = None
         self._samples: PackedSamples | None = None
         self._perm: np.ndarray | None = None
@@ -112,10 +120,20 @@ class ShardBatches:
         self._load_epoch(epoch)
         return self._samples[int(self._perm[i])]
 
+    def target_ids(self, g: int) -> np.ndarray:
+        """(T,) the corpus index of each target of global sample ``g``."""
+        epoch, i = divmod(g, self.samples_per_epoch)
+        self._load_epoch(epoch)
+        return self._samples.positions(int(self._perm[i]))[1:]
+
     def batch(self, step: int, micro: int) -> Batch:
         first = ((step * self.grad_accum + micro) * self.world + self.rank) * self.micro_batch
         rows = [self.sample(first + j) for j in range(self.micro_batch)]
-        return make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), self.pin, self.targets)
+        batch = make_batch(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), self.pin, self.targets)
+        batch.target_ids = np.stack([self.target_ids(first + j) for j in range(self.micro_batch)])
+        if self.ref_sidecar is not None:
+            batch.ref_nll = torch.from_numpy(self.shards.gather(self.ref_sidecar, batch.target_ids).astype(np.float32))
+        return batch
 
     def batches(self, start_step: int, state: dict | None = None) -> Iterator[Batch]:
         """Micro-batches from ``start_step`` on (``state`` is unused: the step is the position)."""

@@ -87,3 +87,17 @@ class PackedSamples:
             tokens.append(doc_tokens[lo:hi])
             flags.append(doc_flags[lo:hi])
         return np.concatenate(tokens).astype(np.int64), np.concatenate(flags)
+
+    def positions(self, i: int) -> np.ndarray:
+        """(seq_len + 1,) int64: where each token of sample ``i`` sits in the shard set (its
+        index in the concatenation of every document, ``ShardSet.doc_starts``), the same in
+        every epoch whatever the packing order: a token's identity across epochs."""
+        (k, off), (k_end, off_end) = self.index[i], self.index[i + 1]
+        pieces = []
+        for pos in range(k, k_end + 1):
+            doc = int(self.order[pos])
+            start, length = int(self.shards.doc_starts[doc]), int(self.shards.doc_lengths[doc])
+            lo = off if pos == k else 0
+            hi = off_end + 1 if pos == k_end else length
+            pieces.append(np.arange(start + lo, start + hi, dtype=np.int64))
+        return np.concatenate(pieces)

@@ -262,6 +262,9 @@ class ShardSet:
             raise UserError(f"{self.dir} holds no shards; run `lacy-fast prepare --out {self.dir}` first")
         self.complete = (self.dir / "stats.json").exists()
         self.doc_lengths = np.concatenate([s.doc_lengths for s in self.shards])  # (D,)
+        self.doc_starts = np.concatenate([[0], np.cumsum(self.doc_lengths)])  # (D + 1,) first token of each
+        self.token_starts = np.cumsum([0] + [s.n_tokens for s in self.shards])  # (S + 1,) first token of each shard
+        self._sidecars: dict[tuple[str, int], np.ndarray] = {}
         self._doc_start = np.cumsum([0] + [s.n_docs for s in self.shards])  # (S + 1,)
         self.n_docs = int(self._doc_start[-1])
         self.total_tokens = sum(s.n_tokens for s in self.shards)
@@ -269,6 +272,21 @@ class ShardSet:
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s = int(np.searchsorted(self._doc_start, i, side="right")) - 1
         return self.shards[s].document(i - int(self._doc_start[s]))
+
+    def gather(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """The ``name`` sidecar's values at corpus token indices ``ids`` (any shape), from
+        each shard's memory-mapped sidecar."""
+        which = np.searchsorted(self.token_starts, ids, side="right") - 1  # the shard of each id
+        out = None
+        for s in np.unique(which):
+            key = (name, int(s))
+            if key not in self._sidecars:
+                self._sidecars[key] = self.shards[s].sidecar(name)
+            values = self._sidecars[key]
+            out = np.empty(ids.shape, dtype=values.dtype) if out is None else out
+            at = which == s
+            out[at] = values[ids[at] - self.token_starts[s]]
+        return out if out is not None else np.empty(ids.shape, dtype=np.float32)
 
 
 MARKS = ((1, "[[", "]]"), (2, "{{", "}}"))  # (flag bit, open, close): spaCy facts, judge labels

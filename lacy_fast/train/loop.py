@@ -67,6 +67,7 @@ from lacy_fast.kernels import selection_bound
 from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selected_count, selection_fraction
 from lacy_fast.progress import Progress, human
 from lacy_fast.train.metrics import MetricsWriter, mfu, peak_memory_bytes, peak_tflops
+from lacy_fast.train.probes import Probe, SelectionTracker
 
 # ----------------------------------------------------------------------------------------
 # Distributed setup
@@ -415,6 +416,9 @@ class Trainer:
                                                  if self.call_rate is not None else cfg.objective.call_rate)
         self.fraction = selection_fraction(o.strategy, o.call_fraction, o.call_rate)
         self.ref, ref_meta = self._reference_model()
+        self.tracker = SelectionTracker.maybe(o.strategy, self.source, self.rule) if t.track_selection else None
+        self.probe = Probe(t.probe, t.seq_len, tok.sha256, self.rule) if t.probe else None
+        self.probe_rows: dict[int, dict[str, float]] = {}
 
         self.identity = run_identity(
             cfg, model=self.model_cfg, precision=self.precision, call_rate=self.call_rate,
@@ -480,7 +484,27 @@ class Trainer:
             raise UserError(f"objective.ref_checkpoint {o.ref_checkpoint} was trained with another tokenizer; "
                             "rho needs a reference model on the same tokenizer as data.path")
         ref.requires_grad_(False)
+        self._reference_sidecars(ref, meta)
         return ref, meta
+
+    def _reference_sidecars(self, ref, meta) -> None:
+        """Write the reference's nll of every shard token once (objective.write_reference_sidecars)
+        and have the loader attach it to batches, so no batch runs the reference."""
+        from lacy_fast.train.identity import export_fingerprint
+        from lacy_fast.train.objective import reference_sidecar_name, write_reference_sidecars
+
+        shards = getattr(self.source, "shards", None)
+        if shards is None:  # online data: the loop runs the reference per batch
+            return
+        o, d = self.cfg.objective, self.d
+        name = reference_sidecar_name(export_fingerprint(meta))
+        missing = sum(not s.sidecar_path(name).exists() for s in shards.shards)
+        if missing and d.is_main and self.progress:
+            print(f"rho: scoring {missing} shard(s) with the reference once (sidecar {name})", file=sys.stderr)
+        write_reference_sidecars(ref, shards, name, self.tokenizer.call_id, self.tokenizer.eos_id, o.ignore_index,
+                                 o.impl, d.device, d.rank, d.world)
+        _reduce_host([0], d)  # every rank's shards are written before any rank reads them
+        self.source.ref_sidecar = name
 
     def _lock_out_dir(self) -> None:
         """Rank 0 locks out_dir for the run; every rank learns whether it could."""
@@ -505,13 +529,15 @@ class Trainer:
         if not hasattr(self.source, "batch"):
             raise UserError("with data.source=online the token budget cannot be turned into a schedule length up "
                             "front; set train.lr_decay_steps as well as train.max_gt_tokens")
-        total = 0
+        totals = [0, 0]  # ground-truth targets per probe window: relabeling, and in the warm-up
         for step in range(probe):
             for micro in range(t.grad_accum):
                 b = self.source.batch(step, micro)
-                total += ground_truth_count(o.strategy, self.fraction, b.n_valid, b.n_facts, b.n_judge)
-        per_step = max(1, _reduce_host([total], self.d)[0] // probe)
-        return min(t.max_steps, math.ceil(t.max_gt_tokens / per_step))
+                totals[0] += self.gt_count(self.fraction, b)
+                totals[1] += self.gt_count(0.0, b)
+        per_step, warm_per_step = (max(1, x // probe) for x in _reduce_host(totals, self.d))
+        warm = o.warmup_share * t.max_gt_tokens
+        return min(t.max_steps, math.ceil(warm / warm_per_step + (t.max_gt_tokens - warm) / per_step))
 
     def _resume(self) -> None:
         state, self.data_state = self.ckpt.load(self.engine, self.resume_tag)
@@ -525,6 +551,20 @@ class Trainer:
             print(f"resuming {self.out} from step {self.step_no}", file=sys.stderr)
 
     # -- the loop -------------------------------------------------------------------------
+
+    def step_fraction(self) -> float:
+        """The share of candidates relabeled this step: 0 until objective.warmup_share of the
+        ground-truth budget is spent, the objective's share after."""
+        o, t = self.objective, self.t
+        return 0.0 if self.gt_tokens < o.warmup_share * t.max_gt_tokens else self.fraction
+
+    def gt_count(self, fraction: float, batch) -> int:
+        """Ground-truth-gradient targets of a micro-batch at ``fraction`` (a soft relabel keeps
+        a ground-truth gradient on every target: all of them count)."""
+        o = self.objective
+        if o.call_weight != 1.0 or o.call_weight_by_error:
+            return batch.n_valid
+        return ground_truth_count(o.strategy, fraction, batch.n_valid, batch.n_facts, batch.n_judge)
 
     def budget_left(self) -> bool:
         t = self.t
@@ -576,21 +616,24 @@ class Trainer:
             self.profiler.start()
         waited0 = self.batches.waited
         sums, host_gt, n_facts, norm = None, 0, 0, None
+        fraction = self.step_fraction()
         for micro in range(t.grad_accum):
-            batch = self.batches.next()
-            self.data_state = batch.position
-            batch = batch.to(d.device)
-            ref_nll = None
-            if self.ref is not None:
+            host = self.batches.next()
+            self.data_state = host.position
+            batch = host.to(d.device)
+            ref_nll = batch.ref_nll
+            if self.ref is not None and ref_nll is None:
                 from lacy_fast.train.objective import reference_nll
 
                 ref_nll = reference_nll(self.ref, batch.idx, batch.targets, batch.flags, self.tokenizer.call_id,
                                         o.ignore_index, o.impl)
             # The op corrects at most this many selected rows (a bucketed bound of the count
             # the host knows before the copy: no device sync, few distinct values to compile).
-            count = selected_count(o.strategy, self.fraction, batch.n_valid, batch.n_facts, batch.n_judge)
+            count = selected_count(o.strategy, fraction, batch.n_valid, batch.n_facts, batch.n_judge)
             loss, stats = engine(batch.idx, batch.targets, batch.flags, ref_nll,
-                                 selection_bound(count, batch.targets.numel()))
+                                 selection_bound(count, batch.targets.numel()), fraction)
+            if self.tracker is not None and host.target_ids is not None:
+                self.tracker.add(host.target_ids, host.targets, host.flags, stats["is_call"])
             engine.backward(loss)
             if micro == t.grad_accum - 1 and self.own_norm:
                 # ZeRO-0 in fp32 clips without recording the norm: take it from the
@@ -599,7 +642,7 @@ class Trainer:
             engine.step()
             micro_sums = _micro_sums(loss, stats, batch.targets, o.strategy, self.rule, o.renormalize)
             sums = micro_sums if sums is None else sums + micro_sums
-            host_gt += ground_truth_count(o.strategy, self.fraction, batch.n_valid, batch.n_facts, batch.n_judge)
+            host_gt += self.gt_count(fraction, batch)
             n_facts += batch.n_facts
         self.step_no += 1
         stop_here = int(signals is not None and signals.received is not None)
@@ -611,6 +654,8 @@ class Trainer:
             norm = norm.detach() if isinstance(norm, torch.Tensor) else norm
         self.guard.record(self.step_no, sums[0], norm)
         self.pending.append(StepStats(sums, step_facts, self.gt_tokens, float(engine.get_lr()[0]), norm))
+        if self.probe is not None and (self.step_no % t.probe_every == 0 or not self.budget_left()):
+            self.probe_rows[self.step_no] = self.probe.measure(self.model, self.tokenizer.call_id, d.device)
         if self.profiler is not None:
             self.profiler.step()
             if self.step_no == t.profile_start + t.profile_steps:
@@ -629,6 +674,10 @@ class Trainer:
         bad = self.guard.first_bad(self.d)
         if bad is not None:
             rows = [r for r in rows if r["step"] <= bad]  # the bad step is shown, what followed it is not
+        for row in rows:
+            row.update(self.probe_rows.pop(row["step"], {}))
+        if self.tracker is not None:
+            rows[-1].update(self.tracker.read())  # the interval's shares, on its last row
         self.writer.write(rows if self.d.is_main else [])
         self.bar.update(len(self.pending))
         self.pending, self.interval_start, self.interval_wait = [], time.perf_counter(), 0.0
