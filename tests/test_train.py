@@ -218,12 +218,12 @@ def test_explain_lists_the_contract_keys(capsys, data):
 # ----------------------------------------------------------------------------------------
 
 
-def online_source(data: Path, corpus: Path, workers: int = 2, cache: str = "", **kw):
+def online_source(data: Path, corpus: Path, workers: int = 2, cache: str = "", queue_depth: int = 8, **kw):
     from lacy_fast.config import DataConfig, LabelConfig
     from lacy_fast.data.prefetch import OnlineBatches
 
     cfg = DataConfig(source="online", inputs=(str(corpus),), tokenizer=str(data / "tokenizer.model"),
-                     workers=workers, path=cache, label=LabelConfig(batch_size=16))
+                     workers=workers, path=cache, queue_depth=queue_depth, label=LabelConfig(batch_size=16))
     return OnlineBatches(cfg, **{**dict(seq_len=64, micro_batch=4, grad_accum=1, world=1, rank=0, seed=0), **kw})
 
 
@@ -279,10 +279,12 @@ def test_a_killed_prefetch_worker_is_a_clear_error(data):
     from lacy_fast.errors import UserError
 
     corpus = data.parent / "synth" / "corpus.jsonl"
-    source = online_source(data, corpus, workers=2)
+    source = online_source(data, corpus, workers=2, queue_depth=1)
     stream = source.batches()
-    for _ in range(6):  # past chunk 1: worker 1 is labeling by now
-        next(stream)
+    while next(stream).position["chunk"] < 2:  # until chunk 1, worker 1's first, has been read
+        pass
+    # Worker 1 may have one message ahead (chunk 3, unread) and no more: chunks 5, 7, ... are
+    # still its work, and it has named the lines of chunk 1 or later as its location.
     os.kill(source.workers.pids[1], signal.SIGKILL)
     with pytest.raises(UserError, match=r"prefetch worker 1 died \(exit code -9\) while labeling .*corpus.jsonl:\d+"):
         for _ in range(100):

@@ -8,7 +8,7 @@ of ``label.batch_size`` documents; chunk ``c`` is labeled by worker ``c mod K`` 
 data.workers`` processes, spawn start method) with the same ``FactLabeler`` as ``lacy-fast
 prepare``, so online labels equal offline shards for the same text. Every worker reads the
 raw text itself (reading is cheap next to spaCy) and sends its chunks through its own
-bounded queue; the rank's batch thread takes chunk ``c`` from queue ``c mod K``, so the
+bounded pipe; the rank's batch thread takes chunk ``c`` from pipe ``c mod K``, so the
 stream has one order whatever the workers' speeds. Documents are packed as in
 ``PackedSamples``: a stream of ``seq_len + 1``-token samples overlapping by one token.
 
@@ -24,7 +24,7 @@ them instead of labeling again. Only a first epoch labeled from its start writes
 
 Failures: a worker that raises (bad input the reader let through, a spaCy crash) reports
 the document location it was labeling and the run stops with that sentence; a worker that
-dies (killed, out of memory) is noticed within half a second, with the location it had
+dies (killed, out of memory) is noticed as its pipe closes, with the location it had
 reached; nothing hangs.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import queue
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,15 +56,40 @@ _WHERE = 512  # bytes of the shared "where is this worker" string
 # ----------------------------------------------------------------------------------------
 
 
+class _Sender:
+    """A worker's end of its channel: ``put`` waits for one of the ``depth`` free slots, then
+    a thread sends (the worker labels on meanwhile), in order."""
+
+    def __init__(self, conn: Any, slots: Any):
+        self.conn, self.slots = conn, slots
+        self.buffer: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._send, daemon=True)
+        self.thread.start()
+
+    def put(self, message: tuple) -> None:
+        self.slots.acquire()
+        self.buffer.put(message)
+
+    def _send(self) -> None:
+        while (message := self.buffer.get()) is not None:
+            self.conn.send(message)
+
+    def close(self) -> None:
+        """Return once every message is sent."""
+        self.buffer.put(None)
+        self.thread.join()
+
+
 def _work(worker: int, n_workers: int, rank: int, world: int, inputs: list[str], reader_cfg: ReaderConfig,
-          label_cfg: LabelConfig, tokenizer_path: str, chunk_docs: int, start_chunk: int, out: Any,
+          label_cfg: LabelConfig, tokenizer_path: str, chunk_docs: int, start_chunk: int, conn: Any, slots: Any,
           where: Any) -> None:
-    """Label this worker's chunks of this rank's documents; put them on ``out`` in order."""
+    """Label this worker's chunks of this rank's documents; send them through ``conn`` in order."""
     from lacy_fast.data.labeling import single_threaded
 
     single_threaded()
     from lacy_fast.data.labeling import FactLabeler
 
+    out = _Sender(conn, slots)
     location = "start-up"
     try:
         labeler = FactLabeler(label_cfg, Tokenizer.load(tokenizer_path))
@@ -90,24 +116,32 @@ def _work(worker: int, n_workers: int, rank: int, world: int, inputs: list[str],
         out.put(("end", chunk, dict(skips.counts)))
     except BaseException as err:  # reported by the rank with the location
         out.put(("error", location, f"{type(err).__name__}: {err}".splitlines()[0]))
+    finally:
+        out.close()
 
 
 class _Workers:
-    """K labeling processes for one epoch, from ``start_chunk``."""
+    """K labeling processes for one epoch, from ``start_chunk``. Each sends through a pipe of
+    its own whose only write end it holds, so the rank reads end-of-file the moment a worker
+    dies, whatever it was doing (starting up, labeling, waiting for a slot, half-way through
+    a message); ``data.queue_depth`` bounds the messages a worker may have ahead."""
 
     def __init__(self, n: int, rank: int, world: int, inputs: list[str], data: DataConfig, tokenizer_path: str,
                  start_chunk: int):
         ctx = mp.get_context("spawn")
-        self.queues = [ctx.Queue(maxsize=data.queue_depth) for _ in range(n)]
+        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
+        self.conns = [read for read, _ in pipes]
+        self.slots = [ctx.Semaphore(data.queue_depth) for _ in range(n)]
         self.where = [ctx.Array("c", _WHERE) for _ in range(n)]
         self.procs = [
             ctx.Process(target=_work, name=f"lacy-prefetch-{w}", daemon=True,
                         args=(w, n, rank, world, inputs, data.reader, data.label, tokenizer_path, data.label.batch_size,
-                              start_chunk, self.queues[w], self.where[w]))
+                              start_chunk, pipes[w][1], self.slots[w], self.where[w]))
             for w in range(n)
         ]
-        for p in self.procs:
+        for p, (_, write) in zip(self.procs, pipes):
             p.start()
+            write.close()  # the worker holds the only write end now
 
     @property
     def pids(self) -> list[int]:
@@ -116,16 +150,16 @@ class _Workers:
     def get(self, chunk: int) -> tuple:
         """The message for ``chunk`` from its worker; a dead worker is a UserError."""
         w = chunk % len(self.procs)
-        while True:
-            try:
-                return self.queues[w].get(timeout=0.5)
-            except queue.Empty:
-                code = self.procs[w].exitcode
-                if code is not None:
-                    where = self.where[w].value.decode(errors="replace")
-                    doing = f"labeling {where}" if where else "starting up"
-                    raise UserError(f"prefetch worker {w} died (exit code {code}) while {doing}; check memory "
-                                    "(and that input), then rerun to resume from the last checkpoint")
+        try:
+            message = self.conns[w].recv()
+        except (EOFError, OSError):  # the write end closed: the worker is gone
+            self.procs[w].join(timeout=5)
+            where = self.where[w].value.decode(errors="replace")
+            doing = f"labeling {where}" if where else "starting up"
+            raise UserError(f"prefetch worker {w} died (exit code {self.procs[w].exitcode}) while {doing}; check "
+                            "memory (and that input), then rerun to resume from the last checkpoint") from None
+        self.slots[w].release()
+        return message
 
     def close(self) -> None:
         for p in self.procs:
@@ -133,9 +167,8 @@ class _Workers:
                 p.terminate()
         for p in self.procs:
             p.join(timeout=5)
-        for q in self.queues:
-            q.cancel_join_thread()
-            q.close()
+        for conn in self.conns:
+            conn.close()
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ never races a leftover.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -44,14 +45,44 @@ def exit_if_orphaned() -> None:
         os._exit(1)
 
 
-def drain_progress(events: Any, bar: Any) -> None:
-    """Apply every (documents, tokens) event the workers have queued so far to ``bar``."""
+class _Finished:
+    """The event a worker sends after a task's last progress event: on the one queue that
+    carries that progress, so when it arrives every progress event of the task has."""
+
+    def __init__(self, task: int):
+        self.task = task
+
+
+_events: Any = None  # the progress queue of this worker process
+
+
+def _start_worker(initializer: Callable[..., None], initargs: tuple, events: Any, parent: int) -> None:
+    global _events
+    _events = events  # the same queue object the initializer keeps: one feeder thread, one order
+    initializer(*initargs, events, parent)
+
+
+def _run_task(task: int, fn: Callable[..., Any], *args: Any) -> Any:
+    result = fn(*args)
+    _events.put(_Finished(task))
+    return result
+
+
+def drain_progress(events: Any, bar: Any, timeout: float = 0.0) -> set[int]:
+    """Apply every (documents, tokens) event the workers have queued so far to ``bar``
+    (waiting up to ``timeout`` seconds for the first); return the tasks finished meanwhile."""
+    finished: set[int] = set()
     while True:
         try:
-            docs, tokens = events.get_nowait()
+            event = events.get(timeout=timeout) if timeout else events.get_nowait()
         except queue.Empty:
-            return
-        bar.update(docs, tokens=tokens)
+            return finished
+        timeout = 0.0
+        if isinstance(event, _Finished):
+            finished.add(event.task)
+        else:
+            docs, tokens = event
+            bar.update(docs, tokens=tokens)
 
 
 class ShardPool:
@@ -59,9 +90,11 @@ class ShardPool:
     step: ``initializer(*initargs, events, parent)`` runs in every worker (it calls
     ``die_with_parent(parent)`` and keeps ``events``, the queue its progress goes to);
     ``submit`` queues a shard by its index; ``wait`` returns the (index, result) pairs of
-    the shards that finished, showing progress meanwhile. Used as a context manager: it
-    applies the last progress events on a clean exit, turns a worker that died into one
-    sentence naming the shard, and always shuts the pool down.
+    the shards that finished, showing progress meanwhile. A shard counts as finished once
+    its result and the worker's end-of-task event (sent on the progress queue after the
+    task's last progress event) have both arrived, so every progress event of the shards
+    returned has been applied. Used as a context manager: it turns a worker that died into
+    one sentence naming the shard, and always shuts the pool down.
     """
 
     def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, bar: Any, doing: str,
@@ -71,23 +104,36 @@ class ShardPool:
         self.bar = bar
         self.doing, self.kept = doing, kept  # "labeling", "finished": for the message of a dead worker
         self.pending: dict[cf.Future, int] = {}
-        self._pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
-                                            initargs=(*initargs, self.events, os.getpid()))
+        self._task: dict[cf.Future, int] = {}  # future -> task number (a shard may be submitted twice)
+        self._tasks = itertools.count()
+        self._ended: set[int] = set()  # tasks whose end-of-task event has arrived
+        self._pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                                            initargs=(initializer, initargs, self.events, os.getpid()))
 
     def submit(self, index: int, fn: Callable[..., Any], *args: Any) -> None:
-        self.pending[self._pool.submit(fn, *args)] = index
+        task = next(self._tasks)
+        fut = self._pool.submit(_run_task, task, fn, *args)
+        self._task[fut], self.pending[fut] = task, index
+
+    def _ready(self, fut: cf.Future) -> bool:
+        """Finished with its progress applied, or failed (a worker's exception, a dead worker)."""
+        return fut.done() and (self._task[fut] in self._ended or fut.exception() is not None)
 
     def wait(self) -> list[tuple[int, Any]]:
         """Block (showing progress) until at least one shard finishes; a worker's exception is
         re-raised here."""
         while True:
-            finished, _ = cf.wait(self.pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            drain_progress(self.events, self.bar)
+            ended = [fut for fut in self.pending if self._task[fut] in self._ended]
+            if ended:  # its result is on its way (or its worker died): wait for that, not for events
+                cf.wait(ended, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+            self._ended |= drain_progress(self.events, self.bar, timeout=0 if ended else 0.2)
+            finished = [fut for fut in self.pending if self._ready(fut)]
             if finished:
                 # Results first: a shard whose worker died stays pending, so the message names it.
                 results = [(self.pending[fut], fut.result()) for fut in finished]
                 for fut in finished:
                     del self.pending[fut]
+                    self._ended.discard(self._task.pop(fut))
                 return results
 
     def __enter__(self) -> ShardPool:
@@ -96,7 +142,7 @@ class ShardPool:
     def __exit__(self, kind, err, tb) -> bool:
         try:
             if kind is None:
-                drain_progress(self.events, self.bar)
+                drain_progress(self.events, self.bar)  # any events sent outside a task
             elif issubclass(kind, cf.process.BrokenProcessPool):
                 lost = sorted(self.pending.values())
                 raise UserError(f"a worker process died while {self.doing} shard {lost[0] if lost else '?'} (killed or "
