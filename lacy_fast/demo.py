@@ -53,19 +53,24 @@ from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json, write_text
 from lacy_fast.progress import duration, human
 
-# Row name -> the objective overrides of its SLM. The first six are the paper's baselines and
-# run by default; the others run on request (--strategies).
-RUNS: dict[str, list[str]] = {
-    "none": ["objective.strategy=none"],
-    "loss": ["objective.strategy=loss"],
-    "spacy": ["objective.strategy=spacy"],
-    "lacy": ["objective.strategy=lacy"],
-    "rho": ["objective.strategy=rho"],
-    "judge": ["objective.strategy=judge"],
-    "ignore": ["objective.strategy=ignore"],  # the ablation: selected targets get no loss instead of <CALL>
-    "lacy-full": ["objective.strategy=lacy", "objective.renormalize=false"],  # ordinary targets on the full softmax
+# Row name -> the ObjectiveConfig fields of its SLM. The paper's six run by default (with the
+# variant DEFAULT_VARIANT names); the others on request (--strategies, or all).
+RUNS: dict[str, dict[str, Any]] = {
+    "none": {"strategy": "none"},
+    "loss": {"strategy": "loss"},
+    "spacy": {"strategy": "spacy"},
+    "lacy": {"strategy": "lacy"},
+    "rho": {"strategy": "rho"},
+    "judge": {"strategy": "judge"},
+    "ignore": {"strategy": "ignore"},  # the ablation: selected targets get no loss instead of <CALL>
+    "lacy-full": {"strategy": "lacy", "renormalize": False},  # ordinary targets on the full softmax
+    # Objectives that keep what the SLM can learn (docs/method.md, "Soft relabeling, warm-up"):
+    "lacy-soft": {"strategy": "lacy", "call_weight": 0.5},  # a selected fact keeps half its ground-truth loss
+    "lacy-idk": {"strategy": "lacy", "call_weight": 0.5, "call_weight_by_error": True},  # lambda by the row's error
+    "lacy-warm": {"strategy": "lacy", "warmup_share": 0.25},  # the first quarter of the budget relabels nothing
 }
-STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge")
+PAPER = ("none", "loss", "spacy", "lacy", "rho", "judge")
+STRATEGIES = PAPER  # the default rows
 CALL_BUDGET = 0.22  # share of decoding steps that call in the main cascade row (the paper's deployment)
 CALL_FRACTION = ObjectiveConfig().call_fraction  # the share of fact targets LaCy relabels (the paper's 0.6)
 MODES = ("slm", "cascade", "cascade-argmax")
@@ -141,8 +146,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     import torch
 
     from lacy_fast.cascade.big import load_big
-    from lacy_fast.config import (CascadeConfig, EvalConfig, JudgeConfig, PrepareConfig, RunConfig, TokenizerConfig,
-                                  load_config)
+    from lacy_fast.config import CascadeConfig, EvalConfig, JudgeConfig, PrepareConfig, TokenizerConfig
     from lacy_fast.data import synth
     from lacy_fast.data.prepare import prepare
     from lacy_fast.eval.plots import plot_regime, plot_runs, plot_sweep, read_metrics
@@ -173,22 +177,12 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     stages.end(f"{human(stats['tokens'])} tokens, {stats['fact_fraction']:.1%} fact tokens, "
                f"{stats['judge_fraction']:.1%} judge tokens")
 
-    common = [f"data.path={data}", f"train.seq_len={scale.seq_len}", f"model.max_seq_len={scale.seq_len}",
-              f"train.micro_batch_size={scale.micro_batch}", "train.ckpt_every=0", "train.log_every=10",
-              "train.keep_last=1"]
-    per_step = scale.seq_len * scale.micro_batch
-
-    def budget(epochs: float) -> list[str]:
-        tokens = int(epochs * stats["tokens"])
-        return [f"train.max_gt_tokens={tokens}", f"train.max_steps={2 * tokens // per_step + 1}",
-                f"train.warmup_steps={max(1, tokens // per_step // 20)}"]
-
+    probe = _probe_data(corpus, data, out / "probe", quiet)
     ref_dir = out / "runs" / "reference"
     stages.begin(f"train the reference, a bigger model on the same data ({scale.ref} preset, plain LM, "
                  f"{human(scale.ref_epochs * stats['tokens'])} tokens)")
-    _finished(train(load_config(RunConfig, "tiny", common + budget(scale.ref_epochs) + [
-        f"out_dir={ref_dir}", f"model.preset={scale.ref}", "objective.strategy=none", f"train.lr={scale.ref_lr}"]),
-        progress=not quiet), ref_dir)
+    _finished(train(_run_config(scale, data, ref_dir, scale.ref, scale.ref_lr, int(scale.ref_epochs * stats["tokens"]),
+                                {"strategy": "none"}), progress=not quiet), ref_dir)
     stages.end()
 
     runs: dict[tuple[str, int], Path] = {}
@@ -198,10 +192,10 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
             runs[(name, seed)] = run
             stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} preset, "
                          f"{human(scale.slm_epochs * stats['tokens'])} ground-truth tokens)")
-            extra = [f"objective.ref_checkpoint={ref_dir / 'export'}"] if name == "rho" else []
-            _finished(train(load_config(RunConfig, "tiny", common + budget(scale.slm_epochs) + RUNS[name] + extra + [
-                f"out_dir={run}", f"model.preset={scale.slm}", f"train.lr={scale.slm_lr}",
-                f"train.seed={1337 + seed}", f"data.seed={1234 + seed}"]), progress=not quiet), run)
+            objective = {**RUNS[name], **({"ref_checkpoint": str(ref_dir / "export")} if name == "rho" else {})}
+            _finished(train(_run_config(scale, data, run, scale.slm, scale.slm_lr,
+                                        int(scale.slm_epochs * stats["tokens"]), objective, seed, probe),
+                            progress=not quiet), run)
             stages.end()
 
     stages.begin(f"evaluate {len(runs)} SLMs alone and in cascade on {scale.eval_people} people, the reference, "
@@ -242,6 +236,47 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     return rows
 
 
+def _run_config(scale: Scale, data: Path, out: Path, preset: str, lr: float, gt_tokens: int,
+                objective: dict[str, Any], seed: int = 0, probe: Path | None = None):
+    """A training run of the demo, built as a value: ``gt_tokens`` ground-truth-gradient tokens
+    (the equal budget), warm-up over its first 5%, the probe every 20th of the run."""
+    from lacy_fast.config import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+
+    per_step = scale.seq_len * scale.micro_batch
+    steps = gt_tokens // per_step
+    train = TrainConfig(max_gt_tokens=gt_tokens, max_steps=2 * steps + 1, warmup_steps=max(1, steps // 20),
+                        seq_len=scale.seq_len, micro_batch_size=scale.micro_batch, lr=lr, seed=1337 + seed,
+                        ckpt_every=0, log_every=10, keep_last=1, probe="" if probe is None else str(probe),
+                        probe_every=max(1, steps // 20))
+    return RunConfig(out_dir=str(out), data=DataConfig(path=str(data), seed=1234 + seed),
+                     model=ModelConfig(preset=preset, max_seq_len=scale.seq_len), train=train,
+                     objective=ObjectiveConfig(**objective))
+
+
+def _probe_data(corpus: Path, data: Path, out: Path, quiet: bool) -> Path:
+    """The training probe: two training biographies of each frequent person (a biography states
+    all of its subject's facts, a mention does not), prepared with the data's tokenizer and
+    the perfect judge's labels, so the probe's judge-labeled tokens are exactly the facts."""
+    from lacy_fast.config import JudgeConfig, PrepareConfig, TokenizerConfig
+    from lacy_fast.data.prepare import prepare
+
+    if (out / "stats.json").exists():
+        return out
+    people = [json.loads(line) for line in (corpus / "facts.jsonl").open()]
+    frequent = [p for p in people if p["bucket"] == "frequent"]
+    texts = [json.loads(line)["text"] for line in (corpus / "corpus.jsonl").open()]
+    chosen = []
+    for person in frequent:
+        own = [t for t in texts if all(v in t for v in person["facts"].values())]
+        chosen += own[:2]
+    source = out.parent / "probe.jsonl"
+    write_text(source, "".join(json.dumps({"text": t}) + "\n" for t in chosen))
+    prepare(PrepareConfig(inputs=(str(source),), out=str(out), workers=1, shard_docs=500,
+                          tokenizer=TokenizerConfig(path=str(data / "tokenizer.model")),
+                          judge=JudgeConfig(spec=f"oracle:{corpus / 'facts.jsonl'}")), progress=not quiet)
+    return out
+
+
 def _finished(summary: dict[str, Any], run: Path) -> None:
     """A run stopped by a signal (it saved a checkpoint) stops the demo too: evaluating a
     half-trained model would compare it at another budget than the others."""
@@ -255,14 +290,26 @@ def _finished(summary: dict[str, Any], run: Path) -> None:
 # ----------------------------------------------------------------------------------------
 
 # Measures averaged over seeds (with a spread for those marked).
-SPREAD = ("factscore", "factscore_frequent", "factscore_rare", "call_auc")
+SPREAD = ("factscore", "factscore_frequent", "factscore_rare", "call_auc", "selection_persistence", "probe_fact_nll")
 
 
 def _trained(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the training run realised: steps, ground-truth tokens, the share of <CALL> targets."""
+    """What the training run realised: steps, ground-truth tokens, the share of <CALL> targets;
+    for the ranked strategies the selection persistence and its chance level over the second
+    half of training; the probe's last ground-truth nll of the frequent people's facts."""
     rates = [r["call_rate"] for r in metrics if r.get("call_rate") is not None]
+    late = [r for r in metrics if r["step"] > metrics[-1]["step"] / 2]
+
+    def late_mean(key: str) -> float | None:
+        values = [r[key] for r in late if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    probed = [r for r in metrics if r.get("probe_judge_nll") is not None]
     return {"train_steps": metrics[-1]["step"], "gt_tokens": metrics[-1].get("gt_tokens"),
-            "train_call_rate": sum(rates) / len(rates) if rates else 0.0}
+            "train_call_rate": sum(rates) / len(rates) if rates else 0.0,
+            "selection_persistence": late_mean("selection_persistence"),
+            "selection_chance": late_mean("selection_chance"),
+            "probe_fact_nll": probed[-1]["probe_judge_nll"] if probed else None}
 
 
 def _measures(result: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
@@ -632,7 +679,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="SLMs trained per strategy, with other seeds; the report "
                                                              "gives means and spreads (default 1)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated SLM rows, of: {', '.join(RUNS)} (default {','.join(STRATEGIES)})")
+                        help=f"comma-separated SLM rows, of: {', '.join(RUNS)}; or all (default "
+                             f"{','.join(STRATEGIES)})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -646,7 +694,8 @@ def run(args: argparse.Namespace) -> int:
         scale = dataclasses.replace(scale, people=args.people)
     if args.seeds < 1:
         raise UserError(f"--seeds is {args.seeds}; it must be at least 1")
-    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    strategies = tuple(RUNS) if args.strategies.strip() == "all" else \
+        tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     bad = [s for s in strategies if s not in RUNS]
     if bad or not strategies:
         raise UserError(f"--strategies has {', '.join(bad) or 'nothing'}; choose from {', '.join(RUNS)}")

@@ -159,6 +159,36 @@ def plot_regime(rows: list[dict[str, Any]], out: Path) -> Path:
     return _save(fig, out)
 
 
+def plot_lock_in(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
+    """What training did to the learnable facts, from each run's metrics rows: the probe's
+    ground-truth nll of its judge-labeled tokens (the demo's probe: frequent people's fact
+    values) against ground-truth tokens, and ``selection_persistence`` beside its chance
+    level (dashed) for the runs that rank."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
+    colors = _colors(list(runs))
+    for name, rows in runs.items():
+        probed = [r for r in rows if r.get("probe_judge_nll") is not None]
+        if probed:
+            axes[0].plot([r["gt_tokens"] for r in probed], [r["probe_judge_nll"] for r in probed], label=name,
+                         linewidth=1.4, color=colors[name])
+        tracked = [r for r in rows if r.get("selection_persistence") is not None]
+        if tracked:
+            gt = [r["gt_tokens"] for r in tracked]
+            axes[1].plot(gt, [r["selection_persistence"] for r in tracked], label=name, linewidth=1.4,
+                         color=colors[name])
+            axes[1].plot(gt, [r["selection_chance"] for r in tracked], linewidth=1.0, linestyle="--",
+                         color=colors[name])
+    axes[0].set_title("probe: ground-truth nll of frequent people's fact values", fontsize=10)
+    axes[1].set_title("selected again at the next occurrence (dashed: chance)", fontsize=10)
+    axes[1].set_ylim(-0.02, 1.02)
+    for ax in axes:
+        ax.set_xlabel("ground-truth-gradient tokens")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="training out_dirs (or metrics.jsonl files)")
     parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png of the first run)")

@@ -490,14 +490,14 @@ class Trainer:
     def _reference_sidecars(self, ref, meta) -> None:
         """Write the reference's nll of every shard token once (objective.write_reference_sidecars)
         and have the loader attach it to batches, so no batch runs the reference."""
-        from lacy_fast.train.identity import export_fingerprint
+        from lacy_fast.train.identity import data_fingerprint, export_fingerprint
         from lacy_fast.train.objective import reference_sidecar_name, write_reference_sidecars
 
         shards = getattr(self.source, "shards", None)
         if shards is None:  # online data: the loop runs the reference per batch
             return
         o, d = self.cfg.objective, self.d
-        name = reference_sidecar_name(export_fingerprint(meta))
+        name = reference_sidecar_name(export_fingerprint(meta), data_fingerprint(shards.dir))
         missing = sum(not s.sidecar_path(name).exists() for s in shards.shards)
         if missing and d.is_main and self.progress:
             print(f"rho: scoring {missing} shard(s) with the reference once (sidecar {name})", file=sys.stderr)

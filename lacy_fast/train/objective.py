@@ -74,9 +74,10 @@ def reference_nll(ref: GPT, idx: torch.Tensor, targets: torch.Tensor, flags: tor
     return stats["nll"].view_as(targets)
 
 
-def reference_sidecar_name(ref_fingerprint: str) -> str:
-    """The shards' sidecar that holds a reference export's per-token nll (one per reference)."""
-    return f"refnll-{ref_fingerprint}"
+def reference_sidecar_name(ref_fingerprint: str, data_fingerprint: str) -> str:
+    """The shards' sidecar that holds a reference export's per-token nll: one per reference
+    and prepared content (re-preparing the data into the same folder names a new one)."""
+    return f"refnll-{ref_fingerprint[:12]}-{data_fingerprint[:12]}"
 
 
 @torch.no_grad()
