@@ -9,6 +9,7 @@ import torch
 from lacy_fast import cli
 from lacy_fast.cascade import (ArgmaxRule, BudgetRule, Cascade, LacyBig, NeverRule, OracleBig, ThresholdRule,
                                load_big, load_model)
+from lacy_fast.cascade.rules import call_scores, ranked_score
 from lacy_fast.cascade.slm import ExportedModel, context_ids, encode_continuation, unfinished_bytes
 from lacy_fast.config import CascadeConfig, ModelConfig
 from lacy_fast.data import synth
@@ -254,22 +255,76 @@ def test_budget_rule_reaches_its_target_share_on_a_long_stream():
             assert abs(calls / n - budget) < 0.01, (budget, batch, calls / n)
 
 
+BUDGETS = (0.05, 0.1, 0.22, 0.35, 0.5)
+
+
+def _stream(kind, step, batch, total, gen):
+    """(batch,) scores of one step of a stream of ``kind``."""
+    if kind == "saturating":  # most values exactly 1.0, as p(<CALL>) of a LaCy SLM in fp32
+        p = torch.rand(batch, generator=gen)
+        return torch.where(p < 0.8, torch.ones(batch), p)
+    if kind == "tied":
+        return torch.full((batch,), 0.7)
+    drift = 1.0 + step * batch / total  # the score grows along the stream
+    return torch.rand(batch, generator=gen) ** (3.0 / drift)
+
+
+@pytest.mark.parametrize("kind", ["saturating", "tied", "drifting"])
+def test_budget_rule_realises_every_budget_whatever_the_scores(kind):
+    """After every step the calls made are budget x values seen within one call."""
+    gen = torch.Generator().manual_seed(0)
+    for budget in BUDGETS:
+        for batch, total in ((1, 3_000), (7, 7_000), (64, 12_800)):
+            rule = BudgetRule(budget, window=1024)
+            calls = n = 0
+            for step in range(total // batch):
+                decided = rule.decide(_stream(kind, step, batch, total, gen), torch.zeros(batch, dtype=torch.bool))
+                calls += int(decided.sum())
+                n += batch
+                assert abs(calls - budget * n) <= 1 + 1e-6, (kind, budget, batch, step, calls, n)
+            assert abs(calls / n - budget) < 0.01
+
+
+def test_budget_rule_breaks_ties_at_random_but_seeded():
+    """All-tied values: which rows call is spread over the rows, the same for the same seed."""
+    first = [BudgetRule(0.22, seed=s) for s in (0, 0, 1)]
+    picks = [[r.decide(torch.full((10,), 0.5), torch.zeros(10, dtype=torch.bool)) for _ in range(50)] for r in first]
+    assert all(torch.equal(a, b) for a, b in zip(picks[0], picks[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(picks[0], picks[2]))
+    per_row = torch.stack(picks[0]).sum(0)  # (10,) calls each row made
+    assert int(per_row.sum()) == 110 and int((per_row > 0).sum()) == 10
+
+
+def test_budget_rule_ranks_p_call_by_its_log_odds(tok):
+    """p(<CALL>) rounds to 1.0 in fp32 where its logit margin exceeds ~17; the log-odds keeps the order."""
+    logits = torch.zeros(4, 8)
+    logits[:, 3] = torch.tensor([20.0, 30.0, 40.0, 5.0])
+    s = call_scores(logits, 3)
+    assert s["p_call"][0] == s["p_call"][1] == s["p_call"][2] == 1.0  # saturated: tied
+    truth = logits[:, 3].double() - math.log(7.0)  # log p / (1 - p): the 7 other logits are 0
+    assert torch.allclose(s["call_logodds"].double(), truth, rtol=1e-6)
+    assert torch.all(s["call_logodds"].argsort() == torch.tensor([3, 0, 1, 2]))
+    assert ranked_score("p_call", "budget") == "call_logodds" and ranked_score("p_call", "threshold") == "p_call"
+    assert ranked_score("entropy", "budget") == "entropy"
+
+
 def test_budget_rule_extremes_and_warm_up():
     never, always = BudgetRule(0.0), BudgetRule(1.0)
     p = torch.rand(50)
     assert not never.decide(p, p > 2).any() and always.decide(p, p > 2).all()
     lone = BudgetRule(0.22)
-    assert not lone.decide(torch.tensor([0.9]), torch.tensor([False])).any()  # nothing to rank against yet
+    assert not lone.decide(torch.tensor([0.9]), torch.tensor([False])).any()  # 0.22 calls owed: not one yet
     batch = BudgetRule(0.22)
     assert int(batch.decide(torch.linspace(0, 1, 100), torch.zeros(100, dtype=torch.bool)).sum()) == 22
 
 
 def test_budget_rule_in_generation_calls_on_its_target_share(slm, tok):
     prompts = [f"{name} was born in" for name in ("Anna", "Bo", "Cyra", "Dov", "Ela", "Finn", "Gus", "Hal")] * 2
-    generations = Cascade(slm, StubBig(lambda ctx: [100]), CascadeConfig(rule="budget", budget=0.22,
-                                                                          max_new_tokens=40)).generate(prompts)
-    calls, steps = sum(g.calls for g in generations), sum(g.steps for g in generations)
-    assert steps > 16 * 30 and abs(calls / steps - 0.22) < 0.03
+    for budget in BUDGETS:
+        generations = Cascade(slm, StubBig(lambda ctx: [100]), CascadeConfig(rule="budget", budget=budget,
+                                                                              max_new_tokens=40)).generate(prompts)
+        calls, steps = sum(g.calls for g in generations), sum(g.steps for g in generations)
+        assert steps > 16 * 30 and abs(calls / steps - budget) < 0.01, (budget, calls / steps)
 
 
 def test_sampling_is_seeded_and_never_emits_call(slm, tok):
