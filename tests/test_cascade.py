@@ -1,5 +1,6 @@
 """Cascade generation: the cached, batched cascade against a naive re-encode-everything
 reference, token by token, for each call rule and each kind of big model."""
+import dataclasses
 import json
 import math
 
@@ -379,7 +380,7 @@ def test_lacy_big_on_another_tokenizer_is_refused(slm, tmp_path):
 
 def test_oracle_supplies_the_rest_of_the_cued_value(slm, tok, facts):
     table = FactTable.read(facts)
-    oracle = OracleBig(table)
+    oracle = OracleBig(table, "value")
     person = table.people[0]
     place, school = person.facts["birth_place"], person.facts["education"]
     assert oracle.answer(person, f"{person.name} was born in") == f" {place}"
@@ -393,7 +394,7 @@ def test_oracle_supplies_the_rest_of_the_cued_value(slm, tok, facts):
     assert oracle.answer(without, f"{without.name} received the") is None
 
     prompts = [f"{person.name} was born in", f"{person.name}'s career as a", "Nobody Known was born in"]
-    generations = Cascade(slm, load_big(f"oracle:{facts}"),
+    generations = Cascade(slm, load_big(f"oracle-value:{facts}"),
                           CascadeConfig(rule="threshold", threshold=0.0, max_new_tokens=12)).generate(prompts)
     born, career, nobody = generations
     assert born.text.startswith(f" {place}") and born.spans[0] == (0, len(place) + 1)
@@ -401,6 +402,32 @@ def test_oracle_supplies_the_rest_of_the_cued_value(slm, tok, facts):
     assert career.text.startswith(f" {person.facts['occupation']}")
     assert born.answered == 1 and born.calls == born.steps  # every later call declined: the SLM went on
     assert nobody.answered == 0 and not nobody.spans
+
+
+def test_word_oracle_answers_one_word_per_call(slm, tok, facts):
+    """The paper's handoff: the next word of the value after a cue, a begun word completed."""
+    table = FactTable.read(facts)
+    person = dataclasses.replace(table.people[0], facts={**table.people[0].facts, "birth_date": "12 March 1950"})
+    word = OracleBig(table)
+    assert word.handoff == "word" and load_big(f"oracle:{facts}").handoff == "word"
+    assert load_big(f"oracle-value:{facts}").handoff == "value" and load_big(f"oracle-word:{facts}").handoff == "word"
+    cue = next(c for c, attr in synth.CUES.items() if attr == "birth_date")
+    text = f"{person.name} {cue}"
+    assert word.answer(person, text) == " 12"
+    assert word.answer(person, text + " 12") == " March"
+    assert word.answer(person, text + " 12 March") == " 1950"
+    assert word.answer(person, text + " 1") == "2"
+    assert word.answer(person, text + " 12 Mar") == "ch"
+    assert word.answer(person, text + " 12 March 1950") is None  # complete
+    assert OracleBig(table, "value").answer(person, text + " 12") == " March 1950"
+
+    born = table.people[0]
+    value = born.facts["birth_date"]  # "D Month YYYY": three words
+    g, = Cascade(slm, load_big(f"oracle:{facts}"), CascadeConfig(rule="threshold", threshold=0.0,
+                                                                  max_new_tokens=40)).generate([text.replace(
+                                                                      person.name, born.name)])
+    assert g.text.startswith(f" {value}") and g.spans[0] == (0, len(value) + 1)
+    assert g.answered == 3  # one call per word, every step calls; then the oracle declines
 
 
 def test_encode_continuation_spells_exactly_the_text(tok):
