@@ -23,14 +23,19 @@ missing):
  5. evaluate every SLM alone and in cascade with the bigger model that answers its calls,
     which here is the fact table itself (``oracle:facts.jsonl``: it knows every fact, the
     regime's "bigger model that knows nearly all", at no training cost; a trained bigger
-    model that knew the rare people's facts would need tens of passes over the corpus). The
-    main cascade row gives every strategy the same call budget (22% of decoding steps, the
-    paper's deployment) and ranks steps by each SLM's call score (p(<CALL>) for a LaCy-style
-    SLM, its own entropy for a plain LM), so it compares *where* each SLM calls; a second
-    row lets each SLM call whenever <CALL> is its most likely token; a sweep over call
-    budgets draws FactScore against the call rate (first seed);
+    model that knew the rare people's facts would need tens of passes over the corpus). It
+    answers as the paper's big model, on another tokenizer, does: one word per call (the
+    next word of the value after a cue; ``handoff`` ``word`` in results.json). The main
+    cascade row gives every strategy the same call budget (22% of decoding steps, the
+    paper's deployment, met to within one call) and ranks steps by each SLM's call score
+    (p(<CALL>) for a LaCy-style SLM, its own entropy for a plain LM; ``SCORED_ROWS`` reuse
+    an SLM with another score), so it compares *where* each SLM calls; a second row lets
+    each SLM call whenever <CALL> is its most likely token; every cascade, every seed, is
+    also run at the budgets of ``Scale.sweep`` (5% to 50%): the FactScore-vs-budget curve,
+    whose area over those budgets (divided by their width) is each row's ``curve_area``;
  6. write OUT/results.json, OUT/report.md (the table, the regime's diagnostics and what the
-    numbers say, computed from them), curves.png, sweep.png and regime.png.
+    numbers say, computed from them), budget_curve.png (the main plot: FactScore against
+    the budget, the seed spread as a band), curves.png, sweep.png and regime.png.
 
 Nothing here decides a winner in advance: report.md states whichever ordering the numbers
 have, and when LaCy does not win, which property of the regime did not hold.
@@ -66,9 +71,15 @@ RUNS: dict[str, list[str]] = {
     "lacy-full": ["objective.strategy=lacy", "objective.renormalize=false"],  # ordinary targets on the full softmax
 }
 STRATEGIES = ("none", "loss", "spacy", "lacy", "rho", "judge")
+# Rows evaluated on another row's SLMs with another call score (cascade/rules.py): name ->
+# (the trained row, CascadeConfig.score). ``lacy-mix``: LaCy's SLMs deferring by the rank
+# product of p(<CALL>) and their own entropy (cascade/calibration.py).
+SCORED_ROWS: dict[str, tuple[str, str]] = {"lacy-mix": ("lacy", "combined")}
 CALL_BUDGET = 0.22  # share of decoding steps that call in the main cascade row (the paper's deployment)
 CALL_FRACTION = ObjectiveConfig().call_fraction  # the share of fact targets LaCy relabels (the paper's 0.6)
 MODES = ("slm", "cascade", "cascade-argmax")
+# Budgets of the FactScore-vs-budget curve of every cascade row and seed (its area is curve_area).
+CURVE_BUDGETS = (0.05, 0.1, CALL_BUDGET, 0.35, 0.5)
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class Scale:
     ref_epochs: float
     eval_people: int  # held-out people evaluated (half frequent, half rare while both last)
     max_new_tokens: int
-    sweep: tuple[float, ...]
+    sweep: tuple[float, ...]  # budgets of every cascade's budget curve (curve_area spans them)
 
 
 SCALES = {
@@ -105,13 +116,12 @@ SCALES = {
     # 0.91-0.98 vs 0.00-0.07 alone; at 13 passes or lr 3e-3 that held for some seeds only).
     "cpu": Scale(people=400, frequent_share=0.03, frequent_docs=16, free_wording=1.0, mentions=0.3, heldout=0.25,
                  vocab=2048, seq_len=256, micro_batch=4, slm="tiny", slm_lr=6e-3, slm_epochs=16.0, ref="small",
-                 ref_lr=2e-3, ref_epochs=6.0, eval_people=40, max_new_tokens=48,
-                 sweep=(0.0, 0.05, 0.1, 0.22, 0.5, 1.0)),
+                 ref_lr=2e-3, ref_epochs=6.0, eval_people=40, max_new_tokens=48, sweep=CURVE_BUDGETS),
     # One GPU (not measured on one yet): 20x the people, bigger models.
     "gpu": Scale(people=4000, frequent_share=0.03, frequent_docs=16, free_wording=1.0, mentions=0.3, heldout=0.05,
                  vocab=8192, seq_len=512, micro_batch=32, slm="small", slm_lr=2e-3, slm_epochs=16.0,
                  ref="gpt2-124m", ref_lr=6e-4, ref_epochs=6.0, eval_people=400, max_new_tokens=64,
-                 sweep=(0.0, 0.05, 0.1, 0.22, 0.35, 0.5, 0.75, 1.0)),
+                 sweep=CURVE_BUDGETS),
 }
 
 
@@ -145,12 +155,12 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
                                   load_config)
     from lacy_fast.data import synth
     from lacy_fast.data.prepare import prepare
-    from lacy_fast.eval.plots import plot_regime, plot_runs, plot_sweep, read_metrics
-    from lacy_fast.eval.run import evaluate, sweep
+    from lacy_fast.eval.plots import plot_budget_curve, plot_regime, plot_runs, plot_sweep, read_metrics
+    from lacy_fast.eval.run import evaluate
     from lacy_fast.train.loop import train
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    stages = Stages(5 + len(strategies) * seeds, quiet)
+    stages = Stages(5 + len(_trained_rows(strategies)) * seeds, quiet)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, scale, strategies, seeds)
 
@@ -193,7 +203,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
 
     runs: dict[tuple[str, int], Path] = {}
     for seed in range(seeds):
-        for name in strategies:
+        for name in _trained_rows(strategies):
             run = out / "runs" / (name if seeds == 1 else f"{name}-seed{seed}")
             runs[(name, seed)] = run
             stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} preset, "
@@ -205,41 +215,136 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
             stages.end()
 
     stages.begin(f"evaluate {len(runs)} SLMs alone and in cascade on {scale.eval_people} people, the reference, "
-                 "and a call-rate sweep")
+                 f"and each cascade at the budgets {', '.join(f'{b:g}' for b in scale.sweep)}")
     cfg = EvalConfig(people=scale.eval_people, sweep=scale.sweep,
                      cascade=CascadeConfig(rule="budget", budget=CALL_BUDGET, max_new_tokens=scale.max_new_tokens))
-    argmax = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, rule="argmax"))
-    partner = load_big(f"oracle:{facts}", device)
-    per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    curves = {}
-    for (name, seed), run in runs.items():
-        trained = _trained(read_metrics(run))
-        for mode, big, mode_cfg in (("slm", None, cfg), ("cascade", partner, cfg), ("cascade-argmax", partner, argmax)):
-            result = evaluate(run, big, facts, cfg=mode_cfg, device=device, progress=not quiet)
-            write_json(out / "eval" / f"{run.name}-{mode}.json", result)
-            per_run.setdefault((name, mode), []).append(_measures(result, trained))
-        if seed == 0:
-            curves[name] = sweep(run, partner, facts, cfg=cfg, device=device, progress=not quiet)
+    per_run, seed_curves = _evaluate_runs(out, runs, strategies, facts, cfg, device, quiet)
     result = evaluate(ref_dir, None, facts, cfg=cfg, device=device, progress=not quiet)
     write_json(out / "eval" / "reference-alone.json", result)
     per_run[("big", "alone")] = [_measures(result, _trained(read_metrics(ref_dir)))]
     stages.end()
+    curves = {name: per_seed[0] for name, per_seed in seed_curves.items()}  # the first seed's, for the report
 
     rows = [_row(name, mode, values) for (name, mode), values in per_run.items()]
+    _add_curves(rows, seed_curves)
     regime_stats = _regime_stats(corpus, data, stats)
-    plot_runs({name: read_metrics(runs[(name, 0)]) for name in strategies}, out / "curves.png", window=5)
+    plot_runs({name: read_metrics(runs[(name, 0)]) for name, _ in runs if _ == 0}, out / "curves.png", window=5)
+    plot_budget_curve(seed_curves, out / "budget_curve.png")
     plot_sweep(curves, out / "sweep.png")
     plot_regime(rows, out / "regime.png")
     write_json(out / "results.json", rows)
-    write_json(out / "sweep.json", curves)
+    write_json(out / "sweep.json", seed_curves)
     table = format_rows(rows)
     write_text(out / "report.md", _report(rows, curves, table, scale, seeds, stats, regime_stats,
                                           time.perf_counter() - stages.start))
     print(table)
     if not quiet:
-        print(f"\nwrote {out}/results.json, report.md, curves.png, sweep.png, regime.png in "
+        print(f"\nwrote {out}/results.json, report.md, budget_curve.png, curves.png, sweep.png, regime.png in "
               f"{duration(time.perf_counter() - stages.start)}", file=sys.stderr)
     return rows
+
+
+def _evaluate_runs(out: Path, runs: dict[tuple[str, int], Path], strategies: tuple[str, ...], facts: Path,
+                   cfg: Any, device: str, quiet: bool
+                   ) -> tuple[dict[tuple[str, str], list[dict[str, Any]]], dict[str, list[list[dict[str, Any]]]]]:
+    """Every SLM alone, in cascade at the equal budget and calling at the argmax, and its
+    cascade at every budget of ``cfg.sweep`` (each seed). A row of ``SCORED_ROWS`` reuses
+    its source's SLMs with another call score, in cascade only (alone and at the argmax it
+    is its source). Returns the per-seed measures by (row, mode) and the per-seed budget
+    curves by row (``sweep`` points; the equal-budget point is the cascade's own generation)."""
+    from lacy_fast.cascade.big import load_big
+    from lacy_fast.eval.plots import read_metrics
+    from lacy_fast.eval.run import evaluate, sweep
+
+    partner = load_big(f"oracle:{facts}", device)  # the paper's handoff: one word per call
+    per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    for name, seed, run, score in _eval_rows(runs, strategies):
+        trained = _trained(read_metrics(run))
+        scored = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, score=score))
+        argmax = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, rule="argmax"))
+        modes = [("cascade", partner, scored)]
+        if name not in SCORED_ROWS:
+            modes = [("slm", None, cfg)] + modes + [("cascade-argmax", partner, argmax)]
+        main = None
+        for mode, big, mode_cfg in modes:
+            result = evaluate(run, big, facts, cfg=mode_cfg, device=device, progress=not quiet)
+            tag = run.name if name not in SCORED_ROWS else f"{name}{run.name[len(SCORED_ROWS[name][0]):]}"
+            write_json(out / "eval" / f"{tag}-{mode}.json", result)
+            per_run.setdefault((name, mode), []).append(_measures(result, trained))
+            main = result if mode == "cascade" else main
+        assert main is not None
+        rest = tuple(b for b in cfg.sweep if b != CALL_BUDGET)
+        points = sweep(run, partner, facts, budgets=rest, cfg=scored, device=device, progress=not quiet)
+        if CALL_BUDGET in cfg.sweep:
+            points.append(_point(CALL_BUDGET, main))
+        curves.setdefault(name, []).append(sorted(points, key=lambda p: p["budget"]))
+    return per_run, curves
+
+
+def _trained_rows(strategies: tuple[str, ...]) -> list[str]:
+    """The rows whose SLMs are trained: ``strategies`` less the ``SCORED_ROWS``, plus their sources."""
+    names = [s for s in strategies if s not in SCORED_ROWS]
+    return names + [SCORED_ROWS[s][0] for s in strategies if s in SCORED_ROWS and SCORED_ROWS[s][0] not in names]
+
+
+def _eval_rows(runs: dict[tuple[str, int], Path], strategies: tuple[str, ...]):
+    """(row, seed, run, call score) for every evaluated row: each trained run with its own
+    score (``auto``), and each requested ``SCORED_ROWS`` row on its source's runs."""
+    for (name, seed), run in runs.items():
+        yield name, seed, run, "auto"
+    for name in strategies:
+        if name in SCORED_ROWS:
+            source, score = SCORED_ROWS[name]
+            for (trained, seed), run in runs.items():
+                if trained == source:
+                    yield name, seed, run, score
+
+
+def _point(budget: float, result: dict[str, Any]) -> dict[str, Any]:
+    """A budget-curve point (as ``eval.run.sweep`` writes it) from an ``evaluate`` result."""
+    fs = result["factscore_detail"]
+    gen = result["generation"]
+    return {"budget": budget, "call_rate": result["call_rate"], "answered_rate": gen["answered_rate"],
+            "steps": gen["steps"], "calls": gen["calls"],
+            "factscore": fs["macro"], "factscore_micro": fs["micro"],
+            **{f"factscore_{b}": f["macro"] for b, f in result["factscore_by_bucket"].items()},
+            "facts_per_generation": fs["facts_per_generation"],
+            "supported_per_generation": fs["supported_per_generation"], "share_with_facts": fs["share_with_facts"]}
+
+
+def curve_area(points: list[dict[str, Any]]) -> float | None:
+    """Trapezoid area of FactScore against the nominal budget, divided by the budgets' width:
+    a mean FactScore over the budgets (None when a point states no fact)."""
+    points = sorted(points, key=lambda p: p["budget"])
+    if len(points) < 2 or any(p["factscore"] is None for p in points):
+        return None
+    area = sum((b["budget"] - a["budget"]) * (a["factscore"] + b["factscore"]) / 2 for a, b in zip(points, points[1:]))
+    return area / (points[-1]["budget"] - points[0]["budget"])
+
+
+def _add_curves(rows: list[dict[str, Any]], curves: dict[str, list[list[dict[str, Any]]]]) -> None:
+    """Each cascade row gets ``curve_area`` (mean over seeds), ``curve_area_std`` (None with
+    one seed or a missing area) and ``curve``: per budget, the mean FactScore, its spread,
+    and the realised call rate (mean, min and max over seeds)."""
+    def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+        if not values or any(v is None for v in values):
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    for row in rows:
+        per_seed = curves.get(row["strategy"]) if row["mode"] == "cascade" else None
+        if not per_seed:
+            continue
+        row["curve_area"], row["curve_area_std"] = mean_std([curve_area(points) for points in per_seed])
+        row["curve"] = []
+        for i, first in enumerate(per_seed[0]):
+            at = [points[i] for points in per_seed]
+            fs, fs_std = mean_std([p["factscore"] for p in at])
+            rates = [p["call_rate"] for p in at]
+            row["curve"].append({"budget": first["budget"], "factscore": fs, "factscore_std": fs_std,
+                                 "call_rate": statistics.fmean(rates), "call_rate_min": min(rates),
+                                 "call_rate_max": max(rates)})
 
 
 def _finished(summary: dict[str, Any], run: Path) -> None:
@@ -287,6 +392,7 @@ def _measures(result: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
         "facts_per_generation": result["factscore_detail"]["facts_per_generation"],
         **trained,
         "score": result["score"],
+        "handoff": result.get("handoff"),  # what one answered call supplies: word, or value (the upper bound)
     }
 
 
@@ -632,7 +738,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="SLMs trained per strategy, with other seeds; the report "
                                                              "gives means and spreads (default 1)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated SLM rows, of: {', '.join(RUNS)} (default {','.join(STRATEGIES)})")
+                        help=f"comma-separated SLM rows, of: {', '.join([*RUNS, *SCORED_ROWS])} "
+                             f"(default {','.join(STRATEGIES)})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -647,9 +754,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError(f"--seeds is {args.seeds}; it must be at least 1")
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    bad = [s for s in strategies if s not in RUNS]
+    bad = [s for s in strategies if s not in RUNS and s not in SCORED_ROWS]
     if bad or not strategies:
-        raise UserError(f"--strategies has {', '.join(bad) or 'nothing'}; choose from {', '.join(RUNS)}")
+        raise UserError(f"--strategies has {', '.join(bad) or 'nothing'}; choose from "
+                        f"{', '.join([*RUNS, *SCORED_ROWS])}")
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     run_demo(args.out, scale, strategies=strategies, seeds=args.seeds, device=args.device, quiet=args.quiet)

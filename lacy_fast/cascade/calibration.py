@@ -66,11 +66,13 @@ class Calibration:
 
 
 def calibration_documents(corpus: str | Path, table: FactTable, exclude: set[int], documents: int) -> list[str]:
-    """The first ``documents`` texts of ``corpus`` (JSONL of {"text"}) about a known person not in ``exclude``."""
+    """The first ``documents`` texts of ``corpus`` (JSONL of {"text"}) about a known person not
+    in ``exclude`` (ids) that name no person of ``exclude`` either (a biography may mention others)."""
     path = Path(corpus)
     if not path.is_file():
         raise UserError(f"training corpus {path} does not exist; the combined call score calibrates on it (pass the "
                         "corpus.jsonl the SLM was trained on, written by `lacy-fast synth` beside facts.jsonl)")
+    names = [table.by_id[i].name for i in exclude if i in table.by_id]
     out = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
@@ -79,7 +81,7 @@ def calibration_documents(corpus: str | Path, table: FactTable, exclude: set[int
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{path}:{n} is not a corpus row {{\"text\"}}; pass corpus.jsonl of `lacy-fast synth`")
             person = table.person_in(text)
-            if person is not None and person.id not in exclude:
+            if person is not None and person.id not in exclude and not any(n in text for n in names):
                 out.append(text)
                 if len(out) == documents:
                     break

@@ -135,7 +135,7 @@ def sweep(slm: SlmLike, big: BigLike, facts_path: str | Path, *, budgets: tuple[
     """FactScore against the call rate: one cascade generation per call budget (rule=budget).
 
     Returns one point per budget (``cfg.sweep`` unless ``budgets``): ``budget``,
-    ``call_rate``, ``answered_rate``, ``factscore`` (macro), ``factscore_micro``,
+    ``call_rate``, ``answered_rate``, ``steps``, ``calls``, ``factscore`` (macro), ``factscore_micro``,
     ``facts_per_generation``, ``supported_per_generation``, ``share_with_facts``.
     """
     cfg = cfg or EvalConfig()
@@ -153,6 +153,7 @@ def sweep(slm: SlmLike, big: BigLike, facts_path: str | Path, *, budgets: tuple[
                                 calibration=calib)
         (fs, by_bucket), gen = _factscores(table, people, generations), summarize(generations)
         points.append({"budget": budget, "call_rate": gen["call_rate"], "answered_rate": gen["answered_rate"],
+                       "steps": gen["steps"], "calls": gen["calls"],
                        "factscore": fs["macro"], "factscore_micro": fs["micro"],
                        **{f"factscore_{b}": f["macro"] for b, f in by_bucket.items()},
                        "facts_per_generation": fs["facts_per_generation"],
