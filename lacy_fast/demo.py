@@ -150,7 +150,6 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     """The pipeline of the module doc; returns the rows of results.json."""
     import torch
 
-    from lacy_fast.cascade.big import load_big
     from lacy_fast.config import (CascadeConfig, EvalConfig, JudgeConfig, PrepareConfig, RunConfig, TokenizerConfig,
                                   load_config)
     from lacy_fast.data import synth

@@ -109,11 +109,18 @@ def calibrate(slm: ExportedModel, corpus: str | Path, table: FactTable, exclude:
     texts = calibration_documents(corpus, table, exclude, documents)
     model, tok = slm.model, slm.tokenizer
     seen: dict[str, list[np.ndarray]] = {k: [] for k in KINDS}
-    for text in texts:
-        ids = torch.tensor(context_ids(tok, text)[: model.cfg.max_seq_len], device=device)[None]  # (1, T)
-        logits = model.logits(model(ids)[0]).float()  # (T, V)
-        for k, v in call_scores(logits, tok.call_id, KINDS).items():
-            seen[k].append(v.double().cpu().numpy())
+    rows = sorted((context_ids(tok, t)[: model.cfg.max_seq_len] for t in texts), key=len)
+    for start in range(0, len(rows), 16):
+        chunk = rows[start:start + 16]
+        # Right padding: causal attention never lets a real position see the padding after it.
+        ids = torch.full((len(chunk), len(chunk[-1])), tok.eos_id, dtype=torch.long)  # (B, T)
+        for r, row in enumerate(chunk):
+            ids[r, : len(row)] = torch.tensor(row)
+        hidden = model(ids.to(device))  # (B, T, D)
+        for r, row in enumerate(chunk):
+            logits = model.logits(hidden[r, : len(row)]).float()  # (T, V)
+            for k, v in call_scores(logits, tok.call_id, KINDS).items():
+                seen[k].append(v.double().cpu().numpy())
     values = {}
     for k in KINDS:
         everything = np.sort(np.concatenate(seen[k]))
