@@ -535,8 +535,9 @@ def _type_name(tp: Any) -> str:
 CALL_RULES = ("never", "argmax", "threshold", "budget")
 # What the threshold and budget rules rank (cascade/rules.py): p(<CALL>), or the SLM's own
 # uncertainty over the vocabulary without <CALL> (normalised entropy, or 1 - max p), the
-# standard deferral signals of LLM cascades for a model that was never taught to call.
-CALL_SCORES = ("auto", "p_call", "entropy", "max_prob")
+# standard deferral signals of LLM cascades for a model that was never taught to call; or
+# ``combined``: the rank product of p(<CALL>) and the entropy (cascade/calibration.py).
+CALL_SCORES = ("auto", "p_call", "entropy", "max_prob", "combined")
 
 
 @dataclass
@@ -544,12 +545,16 @@ class CascadeConfig(Config):
     rule: str = doc("budget", "when the SLM calls the big model: never, CALL is the argmax, p(CALL) > threshold, "
                     "or a running quantile of p(CALL) that calls on a `budget` share of steps", choices=CALL_RULES)
     score: str = doc("auto", "what the threshold and budget rules rank: p(CALL), the normalised entropy of the "
-                     "SLM's next-token distribution without <CALL>, or 1 - its max probability; auto: p_call for an "
+                     "SLM's next-token distribution without <CALL>, or 1 - its max probability; combined: the product "
+                     "of the ranks of p(CALL) and the entropy, each its CDF on training documents of people never "
+                     "evaluated; auto: p_call for an "
                      "SLM trained with <CALL> targets, entropy for a plain LM (strategies none and ignore)",
                      choices=CALL_SCORES)
     threshold: float = doc(0.5, "rule=threshold: call when the call score exceeds this (every score lies in [0, 1])")
     budget: float = doc(0.22, "rule=budget: target share of decoding steps that call (the paper deploys ~22%)")
     budget_window: int = doc(4096, "rule=budget: the quantile is exact over the last this many p(CALL) values")
+    calibration_docs: int = doc(64, "score=combined: training documents (of people never evaluated) whose "
+                                "teacher-forced scores give each score's rank")
     temperature: float = doc(0.0, "SLM sampling temperature (0: greedy)")
     top_p: float = doc(1.0, "SLM nucleus sampling mass (temperature > 0 only)")
     max_new_tokens: int = doc(64, "tokens generated per prompt at most (the big model's count too)")
@@ -560,7 +565,7 @@ class CascadeConfig(Config):
     def check(self) -> None:
         self._fraction("threshold", "budget", "top_p")
         self._non_negative("temperature")
-        self._positive("budget_window", "max_new_tokens", "batch_size", "max_word_tokens")
+        self._positive("budget_window", "max_new_tokens", "batch_size", "max_word_tokens", "calibration_docs")
         if self.top_p == 0.0:
             raise ConfigError("top_p", "is 0, which keeps no token; use a value in (0, 1]")
 

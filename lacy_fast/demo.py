@@ -23,14 +23,19 @@ missing):
  5. evaluate every SLM alone and in cascade with the bigger model that answers its calls,
     which here is the fact table itself (``oracle:facts.jsonl``: it knows every fact, the
     regime's "bigger model that knows nearly all", at no training cost; a trained bigger
-    model that knew the rare people's facts would need tens of passes over the corpus). The
-    main cascade row gives every strategy the same call budget (22% of decoding steps, the
-    paper's deployment) and ranks steps by each SLM's call score (p(<CALL>) for a LaCy-style
-    SLM, its own entropy for a plain LM), so it compares *where* each SLM calls; a second
-    row lets each SLM call whenever <CALL> is its most likely token; a sweep over call
-    budgets draws FactScore against the call rate (first seed);
+    model that knew the rare people's facts would need tens of passes over the corpus). It
+    answers as the paper's big model, on another tokenizer, does: one word per call (the
+    next word of the value after a cue; ``handoff`` ``word`` in results.json). The main
+    cascade row gives every strategy the same call budget (22% of decoding steps, the
+    paper's deployment, met to within one call) and ranks steps by each SLM's call score
+    (p(<CALL>) for a LaCy-style SLM, its own entropy for a plain LM; ``SCORED_ROWS`` reuse
+    an SLM with another score), so it compares *where* each SLM calls; a second row lets
+    each SLM call whenever <CALL> is its most likely token; every cascade, every seed, is
+    also run at the budgets of ``Scale.sweep`` (5% to 50%): the FactScore-vs-budget curve,
+    whose area over those budgets (divided by their width) is each row's ``curve_area``;
  6. write OUT/results.json, OUT/report.md (the table, the regime's diagnostics and what the
-    numbers say, computed from them), curves.png, sweep.png and regime.png.
+    numbers say, computed from them), budget_curve.png (the main plot: FactScore against
+    the budget, the seed spread as a band), curves.png, sweep.png and regime.png.
 
 Nothing here decides a winner in advance: report.md states whichever ordering the numbers
 have, and when LaCy does not win, which property of the regime did not hold.
@@ -49,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from lacy_fast.config import ObjectiveConfig
+from lacy_fast.demo_report import format_rows, render
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json, write_text
 from lacy_fast.progress import duration, human
@@ -71,9 +77,16 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 PAPER = ("none", "loss", "spacy", "lacy", "rho", "judge")
 STRATEGIES = PAPER  # the default rows
+# Rows evaluated on another row's SLMs with another call score (cascade/rules.py): name ->
+# (the trained row, CascadeConfig.score). ``lacy-mix``: LaCy's SLMs deferring by the rank
+# product of p(<CALL>) and their own entropy (cascade/calibration.py).
+SCORED_ROWS: dict[str, tuple[str, str]] = {"lacy-mix": ("lacy", "combined")}
+ALL_ROWS = (*RUNS, *SCORED_ROWS)
 CALL_BUDGET = 0.22  # share of decoding steps that call in the main cascade row (the paper's deployment)
 CALL_FRACTION = ObjectiveConfig().call_fraction  # the share of fact targets LaCy relabels (the paper's 0.6)
 MODES = ("slm", "cascade", "cascade-argmax")
+# Budgets of the FactScore-vs-budget curve of every cascade row and seed (its area is curve_area).
+CURVE_BUDGETS = (0.05, 0.1, CALL_BUDGET, 0.35, 0.5)
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ class Scale:
     ref_epochs: float
     eval_people: int  # held-out people evaluated (half frequent, half rare while both last)
     max_new_tokens: int
-    sweep: tuple[float, ...]
+    sweep: tuple[float, ...]  # budgets of every cascade's budget curve (curve_area spans them)
 
 
 SCALES = {
@@ -110,13 +123,12 @@ SCALES = {
     # 0.91-0.98 vs 0.00-0.07 alone; at 13 passes or lr 3e-3 that held for some seeds only).
     "cpu": Scale(people=400, frequent_share=0.03, frequent_docs=16, free_wording=1.0, mentions=0.3, heldout=0.25,
                  vocab=2048, seq_len=256, micro_batch=4, slm="tiny", slm_lr=6e-3, slm_epochs=16.0, ref="small",
-                 ref_lr=2e-3, ref_epochs=6.0, eval_people=40, max_new_tokens=48,
-                 sweep=(0.0, 0.05, 0.1, 0.22, 0.5, 1.0)),
+                 ref_lr=2e-3, ref_epochs=6.0, eval_people=40, max_new_tokens=48, sweep=CURVE_BUDGETS),
     # One GPU (not measured on one yet): 20x the people, bigger models.
     "gpu": Scale(people=4000, frequent_share=0.03, frequent_docs=16, free_wording=1.0, mentions=0.3, heldout=0.05,
                  vocab=8192, seq_len=512, micro_batch=32, slm="small", slm_lr=2e-3, slm_epochs=16.0,
                  ref="gpt2-124m", ref_lr=6e-4, ref_epochs=6.0, eval_people=400, max_new_tokens=64,
-                 sweep=(0.0, 0.05, 0.1, 0.22, 0.35, 0.5, 0.75, 1.0)),
+                 sweep=CURVE_BUDGETS),
 }
 
 
@@ -145,16 +157,16 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     """The pipeline of the module doc; returns the rows of results.json."""
     import torch
 
-    from lacy_fast.cascade.big import load_big
     from lacy_fast.config import CascadeConfig, EvalConfig, JudgeConfig, PrepareConfig, TokenizerConfig
     from lacy_fast.data import synth
     from lacy_fast.data.prepare import prepare
-    from lacy_fast.eval.plots import plot_regime, plot_runs, plot_sweep, read_metrics
-    from lacy_fast.eval.run import evaluate, sweep
+    from lacy_fast.eval.plots import (plot_budget_curve, plot_lock_in, plot_regime, plot_runs, plot_sweep,
+                                      read_metrics)
+    from lacy_fast.eval.run import evaluate
     from lacy_fast.train.loop import train
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    stages = Stages(5 + len(strategies) * seeds, quiet)
+    stages = Stages(5 + len(_trained_rows(strategies)) * seeds, quiet)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, scale, strategies, seeds)
 
@@ -187,7 +199,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
 
     runs: dict[tuple[str, int], Path] = {}
     for seed in range(seeds):
-        for name in strategies:
+        for name in _trained_rows(strategies):
             run = out / "runs" / (name if seeds == 1 else f"{name}-seed{seed}")
             runs[(name, seed)] = run
             stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} preset, "
@@ -199,39 +211,33 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
             stages.end()
 
     stages.begin(f"evaluate {len(runs)} SLMs alone and in cascade on {scale.eval_people} people, the reference, "
-                 "and a call-rate sweep")
+                 f"and each cascade at the budgets {', '.join(f'{b:g}' for b in scale.sweep)}")
     cfg = EvalConfig(people=scale.eval_people, sweep=scale.sweep,
                      cascade=CascadeConfig(rule="budget", budget=CALL_BUDGET, max_new_tokens=scale.max_new_tokens))
-    argmax = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, rule="argmax"))
-    partner = load_big(f"oracle:{facts}", device)
-    per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    curves = {}
-    for (name, seed), run in runs.items():
-        trained = _trained(read_metrics(run))
-        for mode, big, mode_cfg in (("slm", None, cfg), ("cascade", partner, cfg), ("cascade-argmax", partner, argmax)):
-            result = evaluate(run, big, facts, cfg=mode_cfg, device=device, progress=not quiet)
-            write_json(out / "eval" / f"{run.name}-{mode}.json", result)
-            per_run.setdefault((name, mode), []).append(_measures(result, trained))
-        if seed == 0:
-            curves[name] = sweep(run, partner, facts, cfg=cfg, device=device, progress=not quiet)
+    per_run, seed_curves = _evaluate_runs(out, runs, strategies, facts, cfg, device, quiet)
     result = evaluate(ref_dir, None, facts, cfg=cfg, device=device, progress=not quiet)
     write_json(out / "eval" / "reference-alone.json", result)
     per_run[("big", "alone")] = [_measures(result, _trained(read_metrics(ref_dir)))]
     stages.end()
+    curves = {name: per_seed[0] for name, per_seed in seed_curves.items()}  # the first seed's, for the report
 
     rows = [_row(name, mode, values) for (name, mode), values in per_run.items()]
+    _add_curves(rows, seed_curves)
     regime_stats = _regime_stats(corpus, data, stats)
-    plot_runs({name: read_metrics(runs[(name, 0)]) for name in strategies}, out / "curves.png", window=5)
+    plot_runs({name: read_metrics(runs[(name, 0)]) for name, _ in runs if _ == 0}, out / "curves.png", window=5)
+    plot_budget_curve(seed_curves, out / "budget_curve.png")
+    plot_lock_in({name: read_metrics(runs[(name, 0)]) for name, seed in runs if seed == 0}, out / "lock_in.png")
     plot_sweep(curves, out / "sweep.png")
     plot_regime(rows, out / "regime.png")
     write_json(out / "results.json", rows)
-    write_json(out / "sweep.json", curves)
+    write_json(out / "sweep.json", seed_curves)
     table = format_rows(rows)
-    write_text(out / "report.md", _report(rows, curves, table, scale, seeds, stats, regime_stats,
-                                          time.perf_counter() - stages.start))
+    write_text(out / "report.md", render(rows, _setup(scale, seeds, stats, regime_stats), table, regime_stats, seeds,
+                                         CALL_BUDGET, CALL_FRACTION, time.perf_counter() - stages.start))
     print(table)
     if not quiet:
-        print(f"\nwrote {out}/results.json, report.md, curves.png, sweep.png, regime.png in "
+        print(f"\nwrote {out}/results.json, report.md, budget_curve.png, lock_in.png, curves.png, sweep.png, "
+              f"regime.png in "
               f"{duration(time.perf_counter() - stages.start)}", file=sys.stderr)
     return rows
 
@@ -275,6 +281,109 @@ def _probe_data(corpus: Path, data: Path, out: Path, quiet: bool) -> Path:
                           tokenizer=TokenizerConfig(path=str(data / "tokenizer.model")),
                           judge=JudgeConfig(spec=f"oracle:{corpus / 'facts.jsonl'}")), progress=not quiet)
     return out
+
+
+def _evaluate_runs(out: Path, runs: dict[tuple[str, int], Path], strategies: tuple[str, ...], facts: Path,
+                   cfg: Any, device: str, quiet: bool
+                   ) -> tuple[dict[tuple[str, str], list[dict[str, Any]]], dict[str, list[list[dict[str, Any]]]]]:
+    """Every SLM alone, in cascade at the equal budget and calling at the argmax, and its
+    cascade at every budget of ``cfg.sweep`` (each seed). A row of ``SCORED_ROWS`` reuses
+    its source's SLMs with another call score, in cascade only (alone and at the argmax it
+    is its source). Returns the per-seed measures by (row, mode) and the per-seed budget
+    curves by row (``sweep`` points; the equal-budget point is the cascade's own generation)."""
+    from lacy_fast.cascade.big import load_big
+    from lacy_fast.eval.plots import read_metrics
+    from lacy_fast.eval.run import evaluate, sweep
+
+    partner = load_big(f"oracle:{facts}", device)  # the paper's handoff: one word per call
+    per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    for name, seed, run, score in _eval_rows(runs, strategies):
+        trained = _trained(read_metrics(run))
+        scored = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, score=score))
+        argmax = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, rule="argmax"))
+        modes = [("cascade", partner, scored)]
+        if name not in SCORED_ROWS:
+            modes = [("slm", None, cfg)] + modes + [("cascade-argmax", partner, argmax)]
+        main = None
+        for mode, big, mode_cfg in modes:
+            result = evaluate(run, big, facts, cfg=mode_cfg, device=device, progress=not quiet)
+            tag = run.name if name not in SCORED_ROWS else f"{name}{run.name[len(SCORED_ROWS[name][0]):]}"
+            write_json(out / "eval" / f"{tag}-{mode}.json", result)
+            per_run.setdefault((name, mode), []).append(_measures(result, trained))
+            main = result if mode == "cascade" else main
+        assert main is not None
+        rest = tuple(b for b in cfg.sweep if b != CALL_BUDGET)
+        points = sweep(run, partner, facts, budgets=rest, cfg=scored, device=device, progress=not quiet)
+        if CALL_BUDGET in cfg.sweep:
+            points.append(_point(CALL_BUDGET, main))
+        curves.setdefault(name, []).append(sorted(points, key=lambda p: p["budget"]))
+    return per_run, curves
+
+
+def _trained_rows(strategies: tuple[str, ...]) -> list[str]:
+    """The rows whose SLMs are trained: ``strategies`` less the ``SCORED_ROWS``, plus their sources."""
+    names = [s for s in strategies if s not in SCORED_ROWS]
+    return names + [SCORED_ROWS[s][0] for s in strategies if s in SCORED_ROWS and SCORED_ROWS[s][0] not in names]
+
+
+def _eval_rows(runs: dict[tuple[str, int], Path], strategies: tuple[str, ...]):
+    """(row, seed, run, call score) for every evaluated row: each trained run with its own
+    score (``auto``), and each requested ``SCORED_ROWS`` row on its source's runs."""
+    for (name, seed), run in runs.items():
+        yield name, seed, run, "auto"
+    for name in strategies:
+        if name in SCORED_ROWS:
+            source, score = SCORED_ROWS[name]
+            for (trained, seed), run in runs.items():
+                if trained == source:
+                    yield name, seed, run, score
+
+
+def _point(budget: float, result: dict[str, Any]) -> dict[str, Any]:
+    """A budget-curve point (as ``eval.run.sweep`` writes it) from an ``evaluate`` result."""
+    fs = result["factscore_detail"]
+    gen = result["generation"]
+    return {"budget": budget, "call_rate": result["call_rate"], "answered_rate": gen["answered_rate"],
+            "steps": gen["steps"], "calls": gen["calls"],
+            "factscore": fs["macro"], "factscore_micro": fs["micro"],
+            **{f"factscore_{b}": f["macro"] for b, f in result["factscore_by_bucket"].items()},
+            "facts_per_generation": fs["facts_per_generation"],
+            "supported_per_generation": fs["supported_per_generation"], "share_with_facts": fs["share_with_facts"]}
+
+
+def curve_area(points: list[dict[str, Any]]) -> float | None:
+    """Trapezoid area of FactScore against the nominal budget, divided by the budgets' width:
+    a mean FactScore over the budgets (None when a point states no fact)."""
+    points = sorted(points, key=lambda p: p["budget"])
+    if len(points) < 2 or any(p["factscore"] is None for p in points):
+        return None
+    area = sum((b["budget"] - a["budget"]) * (a["factscore"] + b["factscore"]) / 2 for a, b in zip(points, points[1:]))
+    return area / (points[-1]["budget"] - points[0]["budget"])
+
+
+def _add_curves(rows: list[dict[str, Any]], curves: dict[str, list[list[dict[str, Any]]]]) -> None:
+    """Each cascade row gets ``curve_area`` (mean over seeds), ``curve_area_std`` (None with
+    one seed or a missing area) and ``curve``: per budget, the mean FactScore, its spread,
+    and the realised call rate (mean, min and max over seeds)."""
+    def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+        if not values or any(v is None for v in values):
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    for row in rows:
+        per_seed = curves.get(row["strategy"]) if row["mode"] == "cascade" else None
+        if not per_seed:
+            continue
+        row["curve_area"], row["curve_area_std"] = mean_std([curve_area(points) for points in per_seed])
+        row["curve"] = []
+        for i, first in enumerate(per_seed[0]):
+            at = [points[i] for points in per_seed]
+            fs, fs_std = mean_std([p["factscore"] for p in at])
+            rates = [p["call_rate"] for p in at]
+            row["curve"].append({"budget": first["budget"], "factscore": fs, "factscore_std": fs_std,
+                                 "call_rate": statistics.fmean(rates), "call_rate_min": min(rates),
+                                 "call_rate_max": max(rates)})
 
 
 def _finished(summary: dict[str, Any], run: Path) -> None:
@@ -334,6 +443,7 @@ def _measures(result: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
         "facts_per_generation": result["factscore_detail"]["facts_per_generation"],
         **trained,
         "score": result["score"],
+        "handoff": result.get("handoff"),  # what one answered call supplies: word, or value (the upper bound)
     }
 
 
@@ -351,33 +461,6 @@ def _row(strategy: str, mode: str, values: list[dict[str, Any]]) -> dict[str, An
             if key in SPREAD and len(column) > 1:
                 row[f"{key}_std"] = statistics.stdev(column)
     return row
-
-
-# (header, key, format) of the printed table; "±" cells add the spread when seeds > 1.
-TABLE = [("FactScore", "factscore", "{:.3f}"), ("frequent", "factscore_frequent", "{:.3f}"),
-         ("rare", "factscore_rare", "{:.3f}"), ("call rate", "call_rate", "{:.1%}"),
-         ("train CALL", "train_call_rate", "{:.1%}"), ("AUC", "call_auc", "{:.3f}"),
-         ("calls@unknown", "calls_unknown_fact", "{:.0%}"), ("calls@free", "calls_free", "{:.0%}"),
-         ("leakage", "leakage", "{:.3f}"), ("ppl", "perplexity", "{:.2f}")]
-
-
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The rows as an aligned text table; '-' where a value is missing, '±' the seed spread."""
-    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-        if row.get(key) is None:
-            return "-"
-        text = fmt.format(row[key])
-        return text + (f" ±{fmt.format(row[key + '_std']).lstrip('0')}" if row.get(key + "_std") is not None else "")
-
-    header = ["model", "score"] + [h for h, _, _ in TABLE]
-    body = [[f"{r['strategy']} {r['mode']}", r["score"] if r["mode"] != "slm" and r["mode"] != "alone" else "-"]
-            + [cell(r, k, f) for _, k, f in TABLE] for r in rows]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
 # ----------------------------------------------------------------------------------------
@@ -433,232 +516,27 @@ def _regime_stats(corpus: Path, data: Path, stats: dict[str, Any]) -> dict[str, 
     }
 
 
-def _report(rows: list[dict[str, Any]], curves: dict[str, list[dict]], table: str, scale: Scale, seeds: int,
-            stats: dict[str, Any], regime: dict[str, Any], seconds: float) -> str:
-    by = {(r["strategy"], r["mode"]): r for r in rows}
-    lines = [
-        "# lacy-fast demo",
-        "",
+def _setup(scale: Scale, seeds: int, stats: dict[str, Any], regime: dict[str, Any]) -> str:
+    """The report's first paragraph: what was run (sizes, models, partner, modes)."""
+    return (
         f"Built-in corpus in the paper's regime: {regime['people']} fictional people, {regime['frequent']} of them "
         f"*frequent* ({regime['frequent_documents']} of the {regime['documents']} biographies), the others *rare* "
         f"(one biography each); {stats['tokens']} tokens, {stats['fact_fraction']:.1%} of them fact tokens (spaCy "
         f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` preset, each trained on "
         f"{scale.slm_epochs:g} passes' worth of ground-truth-gradient tokens ({seeds} seed{'s' if seeds > 1 else ''} "
-        f"per strategy). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` preset, a bigger model trained "
+        f"per row). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` preset, a bigger model trained "
         f"as a plain LM on the same data ({scale.ref_epochs:g} passes). The model the SLMs call is the fact table "
-        "(`oracle:facts.jsonl`): it knows every fact and answers a call made right before a value with the whole "
-        "value, and declines elsewhere. Evaluated on "
+        "(`oracle:facts.jsonl`), answering as the paper's big model on another tokenizer does: one word of the "
+        "value per call after a cue, declining elsewhere (`handoff` `word`). Evaluated on "
         f"{scale.eval_people} held-out people, half frequent and half rare; greedy decoding from each name. "
         f"Modes: `slm` alone; `cascade`: calls on {CALL_BUDGET:.0%} of decoding steps, those whose call score "
-        "(column `score`: p(<CALL>), or the entropy of its next-token distribution for a plain LM) is highest; "
+        "(column `score`: p(<CALL>) as log-odds, the entropy of its next-token distribution for a plain LM, or "
+        "their rank product) is highest; each cascade also at the budgets "
+        f"{', '.join(f'{b:.0%}' for b in scale.sweep)} (`curve area`: the mean FactScore over them); "
         "`cascade-argmax`: calls whenever <CALL> is the most likely token. AUC, where calls land, leakage and "
-        "perplexity come from teacher-forced held-out renderings. "
-        + (f"Values are means over {seeds} seeds, ± the standard deviation. " if seeds > 1 else "")
-        + f"Whole run: {duration(seconds)}.",
-        "",
-        "```",
-        table,
-        "```",
-        "",
-        "![training curves](curves.png)",
-        "",
-        "![FactScore vs call rate](sweep.png)",
-        "",
-        "![the regime](regime.png)",
-        "",
-        "## The regime",
-        "",
-    ]
-    lines += _regime_lines(by, regime)
-    lines += ["", "## What the table shows", ""]
-    lines += _verdict(by, curves, seeds)
-    return "\n".join(lines) + "\n"
-
-
-def _fs(row: dict[str, Any] | None, key: str = "factscore") -> str:
-    if row is None or row.get(key) is None:
-        return "-"
-    spread = row.get(f"{key}_std")
-    return f"{row[key]:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
-
-
-def _regime_lines(by: dict[tuple[str, str], dict[str, Any]], regime: dict[str, Any]) -> list[str]:
-    """Numbers that confirm or refute the two properties the claim rests on."""
-    out = []
-    alone = {s: r for (s, m), r in by.items() if m == "slm"}
-    plain = alone.get("none")
-    if plain is not None:
-        out.append(f"- Facts an SLM can learn and facts it cannot: the plain LM alone scores {_fs(plain, 'factscore_frequent')} "
-                   f"on frequent people and {_fs(plain, 'factscore_rare')} on rare ones. "
-                   + _holds(plain.get("factscore_frequent"), plain.get("factscore_rare")))
-    out.append(f"- Facts about rare people are {regime['rare_fact_share']:.0%} of the fact statements of the corpus; "
-               f"LaCy relabels the highest-loss {CALL_FRACTION:.0%} of the fact tokens, so "
-               + ("they can all be rare people's facts." if regime["rare_fact_share"] >= CALL_FRACTION else
-                  "it must also relabel facts of frequent people, which it then does not learn."))
-    big = by.get(("big", "alone"))
-    if big is not None:
-        out.append(f"- The reference (a bigger model on the same data) alone: {_fs(big, 'factscore_frequent')} on "
-                   f"frequent people, {_fs(big, 'factscore_rare')} on rare ones; the fact table the SLMs call knows "
-                   "every fact.")
-    out.append(f"- Acceptable alternatives: free wording is {regime['free_token_share']:.1%} of the held-out tokens; "
-               f"spaCy's fact rule flags {regime['free_flagged']:.2%} of its tokens, so free wording makes up "
-               f"{regime['free_share_of_fact_flags']:.2%} of the fact-flagged tokens.")
-    out.append(f"- The fact proxy: spaCy's rule flags {regime['values_flagged']:.0%} of the tokens of fact-table "
-               f"values, and {1 - regime['value_share_of_fact_flags']:.0%} of what it flags is no value (mostly the "
-               "subject's own name, which a biography repeats, and the names of people it mentions).")
-    learned = {s: r for (s, m), r in by.items() if m == "slm" and r.get("factscore_frequent") is not None}
-    if "none" in learned and len(learned) > 1:
-        out.append("- What each SLM learned of the facts it could learn (alone, frequent people): "
-                   + ", ".join(f"`{s}` {_fs(r, 'factscore_frequent')}" for s, r in learned.items()) + ".")
-    landing = {s: r for (s, m), r in by.items() if m == "cascade" and r.get("calls_free") is not None}
-    if landing:
-        out.append("- Where the budget's calls land on held-out text (unknown facts / known facts / free wording / "
-                   "other): " + "; ".join(
-                       f"`{s}` {r['calls_unknown_fact']:.0%} / {r['calls_known_fact']:.0%} / {r['calls_free']:.0%} / "
-                       f"{r['calls_other']:.0%}" for s, r in landing.items()) + ".")
-        out.append("- How well the call score separates unknown-fact tokens from all others (ROC AUC): "
-                   + ", ".join(f"`{s}` {_fs(r, 'call_auc')}" for s, r in landing.items()) + ".")
-    trained = {s: r for (s, m), r in by.items() if m == "slm"}
-    out.append("- Realised share of <CALL> targets in training: "
-               + ", ".join(f"`{s}` {r['train_call_rate']:.1%}" for s, r in trained.items()) + ".")
-    return out
-
-
-def _holds(frequent: float | None, rare: float | None) -> str:
-    if frequent is None or rare is None:
-        return "One of the buckets states no fact, so the property cannot be checked."
-    if frequent >= 0.5 and rare <= 0.2:
-        return "The property holds: it memorised most frequent facts and few rare ones."
-    return "The property does not hold at this size: " + (
-        "it memorised too few frequent facts." if frequent < 0.5 else "it memorised many rare facts too.")
-
-
-def _verdict(by: dict[tuple[str, str], dict[str, Any]], curves: dict[str, list[dict]], seeds: int) -> list[str]:
-    """Sentences computed from the numbers (no claim is written in advance)."""
-    def scores(mode: str) -> dict[str, dict[str, Any]]:
-        return {s: r for (s, m), r in by.items() if m == mode and r["factscore"] is not None}
-
-    def ranked(rows: dict[str, dict[str, Any]]) -> str:
-        return ", ".join(f"`{s}` {_fs(r)}" for s, r in sorted(rows.items(), key=lambda kv: -kv[1]["factscore"]))
-
-    out = []
-    cascade, alone, argmax = scores("cascade"), scores("slm"), scores("cascade-argmax")
-    if cascade:
-        best = max(cascade, key=lambda s: cascade[s]["factscore"])
-        out.append(f"- Cascade at an equal call budget ({CALL_BUDGET:.0%} of steps): `{best}` scores best; "
-                   f"{ranked(cascade)}.")
-        out.append("- By bucket in that cascade (frequent / rare): " + ", ".join(
-            f"`{s}` {_fs(r, 'factscore_frequent')} / {_fs(r, 'factscore_rare')}" for s, r in cascade.items()) + ".")
-    if alone:
-        out.append(f"- Alone (no calls): {ranked(alone)}.")
-    if argmax:
-        out.append("- Calling whenever <CALL> is the argmax: " + ", ".join(
-            f"`{s}` {_fs(r)} at {r['call_rate']:.0%} of steps" for s, r in argmax.items()) + ".")
-    if "lacy" in curves:
-        mine = {p["budget"]: p["factscore"] for p in curves["lacy"] if p["factscore"] is not None}
-        for other, points in curves.items():
-            if other == "lacy":
-                continue
-            theirs = {p["budget"]: p["factscore"] for p in points if p["factscore"] is not None}
-            common = [b for b in mine if b in theirs and 0 < b < 1]
-            wins = [b for b in common if mine[b] > theirs[b]]
-            out.append(f"- Sweep (first seed): LaCy beats `{other}` at {len(wins)} of the {len(common)} call budgets "
-                       "strictly between 0 and 1 at which both state facts.")
-    leak = {s: r["leakage"] for s, r in alone.items() if r["leakage"] is not None}
-    if leak:
-        out.append("- Fact leakage (a held-out fact still produced with <CALL> forbidden): "
-                   + ", ".join(f"`{s}` {v:.3f}" for s, v in leak.items()) + ".")
-    if "lacy" in cascade:
-        out += _lacy_against_baselines(cascade, by, seeds)
-    if "lacy" in cascade and "lacy-full" in cascade:
-        out.append(_renormalize_switch(by))
-    return out
-
-
-def _renormalize_switch(by: dict[tuple[str, str], dict[str, Any]]) -> str:
-    """What scoring the ordinary targets on the full softmax (``lacy-full``) changes against ``lacy``."""
-    def pair(mode: str, key: str, fmt: str) -> str:
-        full, paper = by[("lacy-full", mode)].get(key), by[("lacy", mode)].get(key)
-        return "-" if full is None or paper is None else f"{fmt.format(full)} against {fmt.format(paper)}"
-
-    full, paper = by[("lacy-full", "cascade")], by[("lacy", "cascade")]
-    return ("- The objective switch, `lacy-full` (ordinary targets on the full softmax, `objective.renormalize=false`) "
-            "against `lacy` (the paper's renormalised softmax), the same budget and seeds: mean p(<CALL>) on held-out "
-            f"fact tokens {pair('cascade', 'mean_p_call_fact', '{:.2f}')} and elsewhere "
-            f"{pair('cascade', 'mean_p_call_other', '{:.2f}')}; AUC {pair('cascade', 'call_auc', '{:.3f}')}; calls "
-            f"on unknown facts {pair('cascade', 'calls_unknown_fact', '{:.0%}')}, on other tokens "
-            f"{pair('cascade', 'calls_other', '{:.0%}')}; alone on frequent people "
-            f"{pair('slm', 'factscore_frequent', '{:.3f}')}; cascade FactScore {_fs(full)} against {_fs(paper)} "
-            f"({full['factscore'] - paper['factscore']:+.3f}).")
-
-
-def _lacy_against_baselines(cascade: dict[str, dict[str, Any]], by: dict[tuple[str, str], dict[str, Any]],
-                            seeds: int) -> list[str]:
-    """LaCy's cascade against every other cascade at the equal budget, with the seed spread."""
-    lacy = cascade["lacy"]
-    others = {s: r for s, r in cascade.items() if s != "lacy"}
-    if not others:
-        return []
-    margins = {s: lacy["factscore"] - r["factscore"] for s, r in others.items()}
-
-    def spread(r: dict[str, Any]) -> float:
-        return r.get("factscore_std") or 0.0
-
-    clear = [s for s, m in margins.items() if m > max(spread(lacy), spread(others[s]))]
-    line = "- LaCy's cascade against each baseline's at the equal budget (difference of FactScore"
-    line += ", against the larger seed spread): " if seeds > 1 else "; one seed, so no spread to compare against): "
-    line += ", ".join(f"`{s}` {m:+.3f}" for s, m in margins.items()) + "."
-    out = [line]
-    if len(clear) == len(others) and seeds > 1:
-        out.append("- LaCy's cascade is above every baseline by more than the seed spread: the paper's result "
-                   "holds here.")
-        return out
-    if seeds == 1:
-        out.append("- With one seed this says nothing about significance; `--seeds 3` gives spreads.")
-    behind = [s for s in others if s not in clear]
-    if behind:
-        out.append(f"- LaCy is not clearly above {', '.join(f'`{s}`' for s in behind)}." + _why_not(by, behind))
-    return out
-
-
-def _why_not(by: dict[tuple[str, str], dict[str, Any]], behind: list[str]) -> str:
-    """Which property of the regime or of the method the numbers say did not hold."""
-    def value(strategy: str, mode: str, key: str) -> float | None:
-        return (by.get((strategy, mode)) or {}).get(key)
-
-    text = ""
-    plain_frequent, plain_rare = value("none", "slm", "factscore_frequent"), value("none", "slm", "factscore_rare")
-    if plain_frequent is not None and plain_rare is not None and (plain_frequent < 0.5 or plain_rare > 0.2):
-        text += (f" The SLMs do not separate learnable from unlearnable facts here (plain LM alone: "
-                 f"{plain_frequent:.2f} frequent, {plain_rare:.2f} rare), so choosing which facts to delegate has "
-                 "little to choose between.")
-    lacy_frequent = value("lacy", "slm", "factscore_frequent")
-    if plain_frequent is not None and lacy_frequent is not None and lacy_frequent < plain_frequent - 0.1:
-        text += (f" LaCy's SLM did not learn all it could: alone on frequent people it scores {lacy_frequent:.2f} "
-                 f"against the plain LM's {plain_frequent:.2f}. A target relabeled as <CALL> gets no ground-truth "
-                 "gradient (the <CALL> loss even pushes its logit down), so a fact relabeled early in training keeps "
-                 "a high loss and keeps being relabeled: the selection by current loss does not let go of a "
-                 "learnable fact once it has taken it.")
-    other = value("lacy", "cascade", "calls_other")
-    if other is not None:
-        text += (f" {other:.0%} of LaCy's held-out calls land on tokens that are neither a fact nor free wording, "
-                 "where the bigger model has nothing to supply; spaCy's rule, which LaCy learns from, flags many "
-                 "such tokens (the subject's name wherever the biography repeats it: see the fact proxy above).")
-    lacy_auc = value("lacy", "cascade", "call_auc")
-    for s in behind:
-        if s == "judge":
-            text += (" `judge` learns from the perfect judge's labels (exactly the fact table's values) and calls "
-                     "the fact table itself: it is the ceiling of label quality, not a competing proxy.")
-            continue
-        auc = value(s, "cascade", "call_auc")
-        if auc is None or lacy_auc is None:
-            continue
-        text += (f" `{s}` separates unknown-fact tokens from the rest {'better' if auc > lacy_auc else 'less well'} "
-                 f"(AUC {auc:.3f} against LaCy's {lacy_auc:.3f}; calls on unknown facts "
-                 f"{value(s, 'cascade', 'calls_unknown_fact'):.0%} against "
-                 f"{value('lacy', 'cascade', 'calls_unknown_fact'):.0%}, on free wording "
-                 f"{value(s, 'cascade', 'calls_free'):.0%} against {value('lacy', 'cascade', 'calls_free'):.0%}).")
-    return text
+        "perplexity come from teacher-forced held-out renderings; `persist` and `probe nll` from training "
+        "(selection persistence in its second half; the probe's ground-truth nll of frequent people's fact values "
+        "at its end).")
 
 
 def _check_settings(out: Path, scale: Scale, strategies: tuple[str, ...], seeds: int) -> None:
@@ -679,7 +557,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="SLMs trained per strategy, with other seeds; the report "
                                                              "gives means and spreads (default 1)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated SLM rows, of: {', '.join(RUNS)}; or all (default "
+                        help=f"comma-separated SLM rows, of: {', '.join(ALL_ROWS)}; or all (default "
                              f"{','.join(STRATEGIES)})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
@@ -694,11 +572,12 @@ def run(args: argparse.Namespace) -> int:
         scale = dataclasses.replace(scale, people=args.people)
     if args.seeds < 1:
         raise UserError(f"--seeds is {args.seeds}; it must be at least 1")
-    strategies = tuple(RUNS) if args.strategies.strip() == "all" else \
+    strategies = ALL_ROWS if args.strategies.strip() == "all" else \
         tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    bad = [s for s in strategies if s not in RUNS]
+    bad = [s for s in strategies if s not in ALL_ROWS]
     if bad or not strategies:
-        raise UserError(f"--strategies has {', '.join(bad) or 'nothing'}; choose from {', '.join(RUNS)}")
+        raise UserError(f"--strategies has {', '.join(bad) or 'nothing'}; choose from {', '.join(ALL_ROWS)} "
+                        "or all")
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     run_demo(args.out, scale, strategies=strategies, seeds=args.seeds, device=args.device, quiet=args.quiet)

@@ -1,5 +1,6 @@
 """Cascade generation: the cached, batched cascade against a naive re-encode-everything
 reference, token by token, for each call rule and each kind of big model."""
+import dataclasses
 import json
 import math
 
@@ -9,6 +10,7 @@ import torch
 from lacy_fast import cli
 from lacy_fast.cascade import (ArgmaxRule, BudgetRule, Cascade, LacyBig, NeverRule, OracleBig, ThresholdRule,
                                load_big, load_model)
+from lacy_fast.cascade.rules import call_scores, ranked_score
 from lacy_fast.cascade.slm import ExportedModel, context_ids, encode_continuation, unfinished_bytes
 from lacy_fast.config import CascadeConfig, ModelConfig
 from lacy_fast.data import synth
@@ -254,22 +256,76 @@ def test_budget_rule_reaches_its_target_share_on_a_long_stream():
             assert abs(calls / n - budget) < 0.01, (budget, batch, calls / n)
 
 
+BUDGETS = (0.05, 0.1, 0.22, 0.35, 0.5)
+
+
+def _stream(kind, step, batch, total, gen):
+    """(batch,) scores of one step of a stream of ``kind``."""
+    if kind == "saturating":  # most values exactly 1.0, as p(<CALL>) of a LaCy SLM in fp32
+        p = torch.rand(batch, generator=gen)
+        return torch.where(p < 0.8, torch.ones(batch), p)
+    if kind == "tied":
+        return torch.full((batch,), 0.7)
+    drift = 1.0 + step * batch / total  # the score grows along the stream
+    return torch.rand(batch, generator=gen) ** (3.0 / drift)
+
+
+@pytest.mark.parametrize("kind", ["saturating", "tied", "drifting"])
+def test_budget_rule_realises_every_budget_whatever_the_scores(kind):
+    """After every step the calls made are budget x values seen within one call."""
+    gen = torch.Generator().manual_seed(0)
+    for budget in BUDGETS:
+        for batch, total in ((1, 3_000), (7, 7_000), (64, 12_800)):
+            rule = BudgetRule(budget, window=1024)
+            calls = n = 0
+            for step in range(total // batch):
+                decided = rule.decide(_stream(kind, step, batch, total, gen), torch.zeros(batch, dtype=torch.bool))
+                calls += int(decided.sum())
+                n += batch
+                assert abs(calls - budget * n) <= 1 + 1e-6, (kind, budget, batch, step, calls, n)
+            assert abs(calls / n - budget) < 0.01
+
+
+def test_budget_rule_breaks_ties_at_random_but_seeded():
+    """All-tied values: which rows call is spread over the rows, the same for the same seed."""
+    first = [BudgetRule(0.22, seed=s) for s in (0, 0, 1)]
+    picks = [[r.decide(torch.full((10,), 0.5), torch.zeros(10, dtype=torch.bool)) for _ in range(50)] for r in first]
+    assert all(torch.equal(a, b) for a, b in zip(picks[0], picks[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(picks[0], picks[2]))
+    per_row = torch.stack(picks[0]).sum(0)  # (10,) calls each row made
+    assert int(per_row.sum()) == 110 and int((per_row > 0).sum()) == 10
+
+
+def test_budget_rule_ranks_p_call_by_its_log_odds(tok):
+    """p(<CALL>) rounds to 1.0 in fp32 where its logit margin exceeds ~17; the log-odds keeps the order."""
+    logits = torch.zeros(4, 8)
+    logits[:, 3] = torch.tensor([20.0, 30.0, 40.0, 5.0])
+    s = call_scores(logits, 3)
+    assert s["p_call"][0] == s["p_call"][1] == s["p_call"][2] == 1.0  # saturated: tied
+    truth = logits[:, 3].double() - math.log(7.0)  # log p / (1 - p): the 7 other logits are 0
+    assert torch.allclose(s["call_logodds"].double(), truth, rtol=1e-6)
+    assert torch.all(s["call_logodds"].argsort() == torch.tensor([3, 0, 1, 2]))
+    assert ranked_score("p_call", "budget") == "call_logodds" and ranked_score("p_call", "threshold") == "p_call"
+    assert ranked_score("entropy", "budget") == "entropy"
+
+
 def test_budget_rule_extremes_and_warm_up():
     never, always = BudgetRule(0.0), BudgetRule(1.0)
     p = torch.rand(50)
     assert not never.decide(p, p > 2).any() and always.decide(p, p > 2).all()
     lone = BudgetRule(0.22)
-    assert not lone.decide(torch.tensor([0.9]), torch.tensor([False])).any()  # nothing to rank against yet
+    assert not lone.decide(torch.tensor([0.9]), torch.tensor([False])).any()  # 0.22 calls owed: not one yet
     batch = BudgetRule(0.22)
     assert int(batch.decide(torch.linspace(0, 1, 100), torch.zeros(100, dtype=torch.bool)).sum()) == 22
 
 
 def test_budget_rule_in_generation_calls_on_its_target_share(slm, tok):
     prompts = [f"{name} was born in" for name in ("Anna", "Bo", "Cyra", "Dov", "Ela", "Finn", "Gus", "Hal")] * 2
-    generations = Cascade(slm, StubBig(lambda ctx: [100]), CascadeConfig(rule="budget", budget=0.22,
-                                                                          max_new_tokens=40)).generate(prompts)
-    calls, steps = sum(g.calls for g in generations), sum(g.steps for g in generations)
-    assert steps > 16 * 30 and abs(calls / steps - 0.22) < 0.03
+    for budget in BUDGETS:
+        generations = Cascade(slm, StubBig(lambda ctx: [100]), CascadeConfig(rule="budget", budget=budget,
+                                                                              max_new_tokens=40)).generate(prompts)
+        calls, steps = sum(g.calls for g in generations), sum(g.steps for g in generations)
+        assert steps > 16 * 30 and abs(calls / steps - budget) < 0.01, (budget, calls / steps)
 
 
 def test_sampling_is_seeded_and_never_emits_call(slm, tok):
@@ -324,7 +380,7 @@ def test_lacy_big_on_another_tokenizer_is_refused(slm, tmp_path):
 
 def test_oracle_supplies_the_rest_of_the_cued_value(slm, tok, facts):
     table = FactTable.read(facts)
-    oracle = OracleBig(table)
+    oracle = OracleBig(table, "value")
     person = table.people[0]
     place, school = person.facts["birth_place"], person.facts["education"]
     assert oracle.answer(person, f"{person.name} was born in") == f" {place}"
@@ -338,7 +394,7 @@ def test_oracle_supplies_the_rest_of_the_cued_value(slm, tok, facts):
     assert oracle.answer(without, f"{without.name} received the") is None
 
     prompts = [f"{person.name} was born in", f"{person.name}'s career as a", "Nobody Known was born in"]
-    generations = Cascade(slm, load_big(f"oracle:{facts}"),
+    generations = Cascade(slm, load_big(f"oracle-value:{facts}"),
                           CascadeConfig(rule="threshold", threshold=0.0, max_new_tokens=12)).generate(prompts)
     born, career, nobody = generations
     assert born.text.startswith(f" {place}") and born.spans[0] == (0, len(place) + 1)
@@ -346,6 +402,32 @@ def test_oracle_supplies_the_rest_of_the_cued_value(slm, tok, facts):
     assert career.text.startswith(f" {person.facts['occupation']}")
     assert born.answered == 1 and born.calls == born.steps  # every later call declined: the SLM went on
     assert nobody.answered == 0 and not nobody.spans
+
+
+def test_word_oracle_answers_one_word_per_call(slm, tok, facts):
+    """The paper's handoff: the next word of the value after a cue, a begun word completed."""
+    table = FactTable.read(facts)
+    person = dataclasses.replace(table.people[0], facts={**table.people[0].facts, "birth_date": "12 March 1950"})
+    word = OracleBig(table)
+    assert word.handoff == "word" and load_big(f"oracle:{facts}").handoff == "word"
+    assert load_big(f"oracle-value:{facts}").handoff == "value" and load_big(f"oracle-word:{facts}").handoff == "word"
+    cue = next(c for c, attr in synth.CUES.items() if attr == "birth_date")
+    text = f"{person.name} {cue}"
+    assert word.answer(person, text) == " 12"
+    assert word.answer(person, text + " 12") == " March"
+    assert word.answer(person, text + " 12 March") == " 1950"
+    assert word.answer(person, text + " 1") == "2"
+    assert word.answer(person, text + " 12 Mar") == "ch"
+    assert word.answer(person, text + " 12 March 1950") is None  # complete
+    assert OracleBig(table, "value").answer(person, text + " 12") == " March 1950"
+
+    born = table.people[0]
+    value = born.facts["birth_date"]  # "D Month YYYY": three words
+    g, = Cascade(slm, load_big(f"oracle:{facts}"), CascadeConfig(rule="threshold", threshold=0.0,
+                                                                  max_new_tokens=40)).generate([text.replace(
+                                                                      person.name, born.name)])
+    assert g.text.startswith(f" {value}") and g.spans[0] == (0, len(value) + 1)
+    assert g.answered == 3  # one call per word, every step calls; then the oracle declines
 
 
 def test_encode_continuation_spells_exactly_the_text(tok):

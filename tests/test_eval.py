@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lacy_fast import cli
-from lacy_fast.cascade import ArgmaxRule, ThresholdRule, load_big, load_model
+from lacy_fast.cascade import ArgmaxRule, Cascade, ThresholdRule, load_big, load_model
 from lacy_fast.cascade.slm import ExportedModel, context_ids
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.data import synth
@@ -276,6 +276,41 @@ def test_loaded_and_same_tokenizer_big_models_are_accepted(models, data):
     assert result["generation"]["answered"] == result["generation"]["calls"]
     table = format_table({"caller": result, "twice": result})
     assert table.count("\n") == 3 and "FactScore" in table.splitlines()[0]
+
+
+def test_combined_score_calibrates_on_people_never_evaluated(models, data, monkeypatch):
+    """The rank product's CDFs come from training documents that name no held-out person;
+    they are stored once per SLM; the budget rule on the product meets its budget."""
+    import lacy_fast.cascade.calibration as calibration
+
+    facts = data / "facts.jsonl"
+    table = FactTable.read(facts)
+    evaluated = [h.person.name for h in read_heldout(data / "heldout.jsonl", table)]
+    read = []
+    real = calibration.context_ids
+    monkeypatch.setattr(calibration, "context_ids", lambda tok, text: read.append(text) or real(tok, text))
+    cfg = EvalConfig(cascade=CascadeConfig(rule="budget", budget=0.3, score="combined", max_new_tokens=40,
+                                           calibration_docs=20))
+    result = evaluate(models["caller"], f"oracle:{facts}", facts, cfg=cfg, progress=False)
+    assert len(read) == 20 and result["calibration"]["documents"] == 20
+    assert not [t for t in read for name in evaluated if name in t]
+    assert all(table.person_in(t) is not None for t in read)
+    gen = result["generation"]
+    assert result["score"] == "combined" and abs(gen["calls"] - 0.3 * gen["steps"]) <= 1
+    assert result["handoff"] == "word" and result["calls"]["score"] == "combined"
+
+    calib = calibration.calibrate(models["caller"], data / "corpus.jsonl", table,
+                                  {h.person.id for h in read_heldout(data / "heldout.jsonl", table)}, documents=20)
+    assert len(read) == 20  # read back from the export, not computed again
+    for kind in calibration.KINDS:
+        ref = calib.values[kind]
+        x = torch.from_numpy(np.sort(np.concatenate([ref, np.linspace(ref[0] - 1, ref[-1] + 1, 500)])))
+        u = calib.cdf(kind, x).numpy()
+        assert np.all(np.diff(u) >= 0) and 0 < u[0] and u[-1] < 1  # monotone, inside (0, 1)
+        assert calib.cdf(kind, torch.tensor([ref[0] - 1.0, ref[-1] + 1.0])).tolist() == pytest.approx(
+            [0.5 / (len(ref) + 1), (len(ref) + 0.5) / (len(ref) + 1)])
+    with pytest.raises(UserError, match="score combined"):
+        Cascade(models["caller"], load_big(f"oracle:{facts}"), cfg.cascade)
 
 
 # -- the command line ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from lacy_fast.model.io import export_meta
 
 class BigModel(Protocol):
     name: str
+    handoff: str  # what one answered call supplies: "token", "word" or "value"
 
     def begin(self, tokenizer: Tokenizer, prompts: list[str], contexts: list[list[int]]) -> None:
         """Open a batch: the SLM's tokenizer, the prompts and their contexts (EOS first)."""
@@ -63,6 +64,7 @@ class LacyBig:
     def __init__(self, big: ExportedModel):
         self.big = big
         self.name = str(big.path)
+        self.handoff = "token"
 
     @torch.inference_mode()
     def begin(self, tokenizer: Tokenizer, prompts: list[str], contexts: list[list[int]]) -> None:
@@ -103,6 +105,7 @@ class LacyBig:
 
 
 _WORD_END = re.compile(r"\S\s")
+_NEXT_WORD = re.compile(r"\s*\S*")  # leading spaces, then the word (a non-empty text always matches it)
 
 
 class HFBig:
@@ -132,6 +135,7 @@ class HFBig:
         self.model = model
         self.tok = tokenizer
         self.name = str(path)
+        self.handoff = "word"
         self.max_word_tokens = max_word_tokens
         config = model.config
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -277,26 +281,35 @@ class HFBig:
 
 
 class OracleBig:
-    """The fact table answers: an upper bound on what a call can bring (``oracle:FACTS``).
+    """The fact table answers (``oracle:FACTS``, one word per call; ``oracle-value:FACTS``, the
+    whole rest of the value: the upper bound).
 
     The person is the one whose full name the prompt holds (``FactTable.person_in``). At a
     call, the attribute is named by the last cue in the row's text (``synth.CUES``: "was
-    born in" -> birth_place), and the oracle supplies the rest of that attribute's value,
-    provided the text after the cue is a (possibly empty) beginning of " " + value: after
-    "was born in" it supplies " Tolmere"; after "was born in Tol" it supplies "mere".
-    Otherwise (no person, no cue, a cue whose value is complete or contradicted, an
-    attribute the person lacks) it declines and the SLM continues without calling.
+    born in" -> birth_place), and the oracle answers provided the text after the cue is a
+    (possibly empty) beginning of " " + value. Otherwise (no person, no cue, a cue whose
+    value is complete or contradicted, an attribute the person lacks) it declines and the
+    SLM continues without calling.
 
-    Granularity: the whole (remaining) value, not one word. The fact table's facts are
-    whole values (FactScore counts "12 March 1950", not "12"), so one answered call states
-    one whole fact: that is the upper bound the oracle is for. A word-level oracle would
-    make a multi-word value need one call per word and mix the oracle's quality with the
-    SLM's calling on every word but the first.
+    Granularity (``handoff``):
+    - ``word`` (the default, the paper's handoff): the next word of the value, as the
+      paper's big model, on another tokenizer, answers one word per call: a word keeps its
+      leading space, and a word the SLM has begun is completed. For the value
+      " 12 March 1950": " 12" after the cue, " March" after " 12", "2" after " 1". A
+      multi-word value needs one call per word, so the SLM's calling decides every word.
+    - ``value``: the whole rest of the value at one call (" 12 March 1950" after the cue).
+      One answered call states one whole fact: an upper bound on what a call can bring,
+      not the paper's partner.
     """
 
-    def __init__(self, table: FactTable):
+    HANDOFFS = ("word", "value")
+
+    def __init__(self, table: FactTable, handoff: str = "word"):
+        if handoff not in self.HANDOFFS:
+            raise UserError(f"oracle handoff {handoff!r} is not one of {', '.join(self.HANDOFFS)}")
         self.table = table
-        self.name = f"oracle:{table.path}"
+        self.handoff = handoff
+        self.name = f"{'oracle' if handoff == 'word' else 'oracle-value'}:{table.path}"
         cues = sorted(CUES, key=len, reverse=True)
         self.cue_re = re.compile(r"(?<![^\W_])(?:" + "|".join(map(re.escape, cues)) + r")(?![^\W_])")
 
@@ -326,16 +339,20 @@ class OracleBig:
         target, tail = " " + value, text[last.end():]
         if len(tail) >= len(target) or not target.startswith(tail):
             return None
-        return target[len(tail):]
+        rest = target[len(tail):]
+        return rest if self.handoff == "value" else _NEXT_WORD.match(rest).group()
 
 
 def load_big(spec: str | None, device: torch.device | str = "cpu", max_word_tokens: int = 8) -> BigModel | None:
-    """``--big``: none, oracle:FACTS, a lacy-fast export (or run out_dir), or a local HF model directory."""
+    """``--big``: none, oracle:FACTS (one word per call), oracle-value:FACTS (the whole value,
+    the upper bound), a lacy-fast export (or run out_dir), or a local HF model directory."""
     if spec is None or spec in ("", "none"):
         return None
-    if spec.startswith("oracle:"):
-        return OracleBig(FactTable.read(spec[len("oracle:"):]))
-    hint = "pass a lacy-fast export (OUT/export), a local Hugging Face model directory, oracle:FACTS or none"
+    for prefix, handoff in (("oracle:", "word"), ("oracle-word:", "word"), ("oracle-value:", "value")):
+        if spec.startswith(prefix):
+            return OracleBig(FactTable.read(spec[len(prefix):]), handoff)
+    hint = ("pass a lacy-fast export (OUT/export), a local Hugging Face model directory, oracle:FACTS, "
+            "oracle-value:FACTS or none")
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"--big {spec} is not a directory; {hint}")

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from lacy_fast.cascade.big import BigModel
-from lacy_fast.cascade.rules import NeverRule, call_scores, make_rule, resolve_score
+from lacy_fast.cascade.calibration import Calibration
+from lacy_fast.cascade.rules import NeverRule, call_scores, make_rule, ranked_score, resolve_score
 from lacy_fast.cascade.slm import ExportedModel, context_ids, left_pad
 from lacy_fast.config import CascadeConfig
 from lacy_fast.errors import UserError
@@ -106,16 +107,31 @@ class Cascade:
 
     The call rule lives as long as the cascade: the budget rule's running quantile
     calibrates over every batch it decodes. ``score`` is the call score it ranks, resolved
-    from ``cfg.score`` and the SLM's training strategy.
+    from ``cfg.score`` and the SLM's training strategy (the budget rule ranks p(<CALL>) by
+    its log-odds: ``rules.ranked_score``). ``score=combined`` needs ``calibration``
+    (``calibration.calibrate``).
     """
 
     def __init__(self, slm: ExportedModel, big: BigModel | None, cfg: CascadeConfig,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", calibration: Calibration | None = None):
         self.slm, self.big, self.cfg = slm, big, cfg
         self.device = torch.device(device)
         self.rule = make_rule(cfg) if big is not None else NeverRule()
         self.score = resolve_score(cfg.score, slm.meta.get("strategy"))
+        self.ranked = ranked_score(self.score, cfg.rule)
+        if self.score == "combined" and calibration is None:
+            raise UserError("score combined ranks p(CALL) and the entropy against a calibration on training "
+                            "documents; use `lacy-fast eval` (it calibrates on corpus.jsonl beside --facts) or "
+                            "another --score")
+        self.calibration = calibration
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+
+    def call_score(self, logits: torch.Tensor) -> torch.Tensor:
+        """(b, V) fp32 logits -> (b,) the score the rule ranks."""
+        if self.ranked == "combined":
+            assert self.calibration is not None
+            return self.calibration.combined(logits, self.slm.tokenizer.call_id)
+        return call_scores(logits, self.slm.tokenizer.call_id, (self.ranked,))[self.ranked]
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], progress: Progress | None = None) -> list[Generation]:
@@ -142,7 +158,7 @@ class Cascade:
         live = list(rows)
         while True:
             logits = model.logits(hidden).float()  # (b, V)
-            score = call_scores(logits, tok.call_id, (self.score,))[self.score]  # (b,)
+            score = self.call_score(logits)  # (b,)
             calls = self.rule.decide(score, logits.argmax(-1) == tok.call_id).tolist()
             own = self._own_tokens(logits).tolist()
             calling = [i for i, c in enumerate(calls) if c]

@@ -33,11 +33,14 @@ def add_cascade_arguments(parser: argparse.ArgumentParser, defaults: CascadeConf
     parser.add_argument("--slm", required=True, help="the SLM: an export directory (OUT/export) or a run's out_dir")
     parser.add_argument("--big", default="none",
                         help="the model called: a lacy-fast export (same tokenizer, next token), a local Hugging Face "
-                             "model directory (next word, text-level), oracle:FACTS (the fact table), or none")
+                             "model directory (next word, text-level), oracle:FACTS (the fact table, one word per "
+                             "call), oracle-value:FACTS (the whole value per call: an upper bound), or none")
     parser.add_argument("--rule", choices=CALL_RULES, default=d.rule, help=f"call rule (default {d.rule})")
     parser.add_argument("--score", choices=CALL_SCORES, default=d.score,
                         help="what the threshold and budget rules rank: p_call, entropy or max_prob (the SLM's own "
-                             f"uncertainty); auto: p_call for a LaCy-style SLM, entropy for a plain LM (default {d.score})")
+                             "uncertainty), or combined (eval only: rank of p_call x rank of entropy, each ranked on "
+                             "training documents of people never evaluated); auto: p_call for a LaCy-style SLM, "
+                             f"entropy for a plain LM (default {d.score})")
     parser.add_argument("--threshold", type=float, default=d.threshold,
                         help=f"rule=threshold: call when the score exceeds this (default {d.threshold})")
     parser.add_argument("--budget", type=float, default=d.budget,

@@ -5,8 +5,11 @@
     calls = rule.decide(scores["p_call"], call_is_argmax)  # (N,) bool
 
 The call score (``CascadeConfig.score``, temperature 1 whatever the sampling temperature),
-each in [0, 1], higher meaning "call":
+each in [0, 1] but the log-odds, higher meaning "call":
 - ``p_call``: p(<CALL>) under the full softmax: what a LaCy-trained SLM learned to signal.
+  ``call_logodds`` is the same signal as log p / (1 - p), unbounded: the budget rule ranks it.
+- ``combined`` (``calibration.py``, not computed here): the rank product of p(<CALL>) and
+  the entropy below, each ranked by its CDF on training documents.
 - ``entropy``: the entropy of the SLM's own next-token distribution (the vocabulary without
   <CALL>, renormalised: what it would emit) divided by log(V - 1), its maximum.
 - ``max_prob``: 1 - the largest probability of that distribution.
@@ -34,26 +37,31 @@ budget rule does).
 
   Following a drift lags, though: when the score rises (it does along a generation, all
   rows of a batch moving in step, and in bursts over a multi-token fact), new values land
-  above the window's quantile more often than b. Two corrections keep the realised share
-  on target:
+  above the window's quantile more often than b; and a score that saturates (p(<CALL>) of
+  a LaCy SLM is 1.0 in fp32 at many steps) ties at the quantile, so that ``score >
+  threshold`` holds nowhere: at a 10% budget such SLMs called on 0-1.5% of steps. Three
+  corrections make the realised share exact:
+  - p(<CALL>) is ranked by its log-odds, z_call - logsumexp of the other logits
+    (``ranked_score``: the same order, never saturated), not by p;
   - the call debt d = budget x values seen - calls made raises or lowers the share asked
-    of the quantile: b = budget + d / min(values seen, window), clipped to [0, 1] (before
-    the window fills, about 2 budget - realised share);
-  - a cap: a step never calls more often than the budget of all values seen so far allows
-    (ceil(budget x values seen) - calls made); when more rows pass the threshold, those
-    with the highest scores call. The budget is a budget: the realised share never
-    exceeds it by more than one call.
-  Without them a 4-row generation of the caller model in tests/test_eval.py called on 37%
-  of steps for a 30% budget, and a 16 x 40-step batch in tests/test_cascade.py on 32% for
-  22%; on a stationary stream both stay close to idle.
+    of the quantile: b = budget + d / min(values seen, window), clipped to [0, 1];
+  - a floor and a cap: with this step's values counted, a step makes at least
+    floor(budget x seen - calls made) calls and at most ceil(budget x seen - calls made);
+    between them, as many as pass the threshold. The calls go to the step's highest
+    scores, equal scores in a seeded random order (``seed``). So after every step the calls
+    made are budget x seen within one call, whatever the score's distribution: tied,
+    saturated or drifting. The floor is the debt's own bound rather than a tolerance: a
+    tolerance would let a saturated score under-call by as much as it allows, and the
+    budget is what the strategies are compared at.
+  The quantile still decides *which steps* call when it can (calls bunch where scores are
+  high, within the one-call band); the floor and cap only bind where it errs.
+  (Before the floor, a 4-row generation of the caller model in tests/test_eval.py called on
+  37% of steps for a 30% budget, without the cap; a stream of exact 1.0s never called.)
 
   Warm-up: before ``window`` values have been seen the quantile is over all values seen so
   far (current step included). On the first step of a batch of B rows that ranks the B
-  values against each other, so about budget x B of them call; a lone row (B = 1) cannot
-  call on its very first step (a value never exceeds the quantile of itself) and calls on
-  the top share of its history afterwards, the debt making up for the first steps. The
-  realised share reaches the target: within 0.01 on drifting streams of 8k-32k values,
-  within 0.03 over a 640-step batched generation (tests/test_cascade.py).
+  values against each other and the floor makes exactly floor(budget x B) of them call; a
+  lone row (B = 1) does not call on its very first step (budget x 1 < 1 call owed).
   ``budget`` 0 and 1 are exact: never and always.
 """
 from __future__ import annotations
@@ -70,12 +78,16 @@ _NO_CALL_TARGETS = ("none", "ignore")
 
 
 def call_scores(logits: torch.Tensor, call_id: int,
-                kinds: tuple[str, ...] = ("p_call", "entropy", "max_prob")) -> dict[str, torch.Tensor]:
+                kinds: tuple[str, ...] = ("p_call", "call_logodds", "entropy", "max_prob")) -> dict[str, torch.Tensor]:
     """(N, V) logits -> the call scores ``kinds`` of the module docstring, (N,) fp32 each."""
     logits = logits.float()
     out = {}
     if "p_call" in kinds:
         out["p_call"] = torch.softmax(logits, -1)[:, call_id]  # (N,) full softmax
+    if "call_logodds" in kinds:  # log p / (1 - p) = z_call - logsumexp of the other logits: never saturates
+        others = logits.clone()
+        others[:, call_id] = float("-inf")
+        out["call_logodds"] = logits[:, call_id] - torch.logsumexp(others, -1)  # (N,)
     if "entropy" in kinds or "max_prob" in kinds:
         own = logits.clone()
         own[:, call_id] = float("-inf")
@@ -94,6 +106,12 @@ def resolve_score(score: str, strategy: str | None) -> str:
     if score != "auto":
         return score
     return "entropy" if strategy in _NO_CALL_TARGETS else "p_call"
+
+
+def ranked_score(score: str, rule: str) -> str:
+    """The score a rule compares: the budget rule ranks p(<CALL>) by its log-odds (the same
+    order, without the ties of a saturated p); the threshold rule reads p on its own scale."""
+    return "call_logodds" if score == "p_call" and rule == "budget" else score
 
 
 class CallRule(Protocol):
@@ -121,20 +139,22 @@ class ThresholdRule:
 
 
 class BudgetRule:
-    """Calls on a ``budget`` share of steps: the score above a running quantile, debt-corrected."""
+    """Calls on a ``budget`` share of steps: the score above a running quantile, debt-corrected,
+    between a floor and a cap that hold the realised share to the budget within one call."""
 
-    def __init__(self, budget: float, window: int = 4096):
+    def __init__(self, budget: float, window: int = 4096, seed: int = 0):
         self.budget = budget
         self.window = window
         self.values = torch.empty(window, dtype=torch.float32)  # ring buffer of recent scores, on the host
         self.seen = 0  # values ever recorded
         self.calls = 0  # calls ever decided
         self.threshold = float("nan")  # the last threshold used (for reports)
+        self.generator = torch.Generator().manual_seed(seed)  # breaks ties among equal scores
 
     def decide(self, score: torch.Tensor, call_is_argmax: torch.Tensor) -> torch.Tensor:
-        p = score.detach().float()  # (N,)
+        p = score.detach().float().cpu()  # (N,)
         debt = self.budget * self.seen - self.calls  # calls owed so far (negative: made too many)
-        self._record(p.cpu())
+        self._record(p)
         if self.budget <= 0.0:
             return torch.zeros_like(call_is_argmax)
         if self.budget >= 1.0:
@@ -142,15 +162,19 @@ class BudgetRule:
         share = min(max(self.budget + debt / max(1, min(self.seen, self.window)), 0.0), 1.0)
         held = self.values[: min(self.seen, self.window)]  # (W,)
         self.threshold = float(torch.quantile(held, 1.0 - share))
-        calls = p > self.threshold  # (N,)
-        # The cap: never more calls than the budget of every value seen so far allows.
-        allowance = max(0, math.ceil(self.budget * self.seen - self.calls - 1e-9))
-        if int(calls.sum()) > allowance:
-            top = torch.topk(torch.where(calls, p, -1.0), allowance).indices  # (allowance,) highest scores
-            calls = torch.zeros_like(calls)
-            calls[top] = True
-        self.calls += int(calls.sum())
-        return calls
+        owed = self.budget * self.seen - self.calls  # with this step's values counted
+        floor = min(p.numel(), max(0, math.floor(owed + 1e-9)))  # calls this step must make
+        cap = max(0, math.ceil(owed - 1e-9))  # calls this step may make
+        n = min(max(int((p > self.threshold).sum()), floor), cap)
+        calls = torch.zeros(p.numel(), dtype=torch.bool)
+        calls[self._order(p)[:n]] = True  # the n highest scores, ties in random order
+        self.calls += n
+        return calls.to(call_is_argmax.device)
+
+    def _order(self, p: torch.Tensor) -> torch.Tensor:
+        """(N,) indices of ``p`` from the highest score down, equal scores in a random order."""
+        perm = torch.randperm(p.numel(), generator=self.generator)  # (N,)
+        return perm[torch.argsort(p[perm], descending=True, stable=True)]
 
     def _record(self, p: torch.Tensor) -> None:
         """Append ``p`` (N,) to the ring buffer; only the last ``window`` values are kept."""
@@ -159,6 +183,7 @@ class BudgetRule:
         self.values[(start + torch.arange(keep.numel())) % self.window] = keep
         self.seen += p.numel()
 
+
 def make_rule(cfg: CascadeConfig) -> CallRule:
     if cfg.rule == "never":
         return NeverRule()
@@ -166,4 +191,4 @@ def make_rule(cfg: CascadeConfig) -> CallRule:
         return ArgmaxRule()
     if cfg.rule == "threshold":
         return ThresholdRule(cfg.threshold)
-    return BudgetRule(cfg.budget, cfg.budget_window)
+    return BudgetRule(cfg.budget, cfg.budget_window, cfg.seed)

@@ -162,12 +162,15 @@ def perplexity(scores: list[TextScores]) -> dict[str, Any]:
             "fact_tokens": int(fact.sum())}
 
 
-def call_stats(scores: list[TextScores], rule: CallRule, score: str = "p_call") -> dict[str, Any]:
+def call_stats(scores: list[TextScores], rule: CallRule, score: str = "p_call", ranked: str | None = None
+               ) -> dict[str, Any]:
     """The rule's calls on ``score`` at every held-out position against the fact positions,
-    where they land, and how the score separates unknown facts from the rest."""
+    where they land, and how the score separates unknown facts from the rest. ``ranked``: the
+    form of the score the rule and the AUC read (``rules.ranked_score``; default ``score``)."""
+    ranked = ranked or score
     calls, facts, firsts = [], [], []
     for s in scores:
-        decided = rule.decide(torch.from_numpy(s.scores[score]), torch.from_numpy(s.call_argmax)).numpy()  # (T,)
+        decided = rule.decide(torch.from_numpy(s.scores[ranked]), torch.from_numpy(s.call_argmax)).numpy()  # (T,)
         calls.append(decided)
         facts.append(s.fact)
         firsts += [bool(decided[lo]) for _, lo, _ in s.spans]
@@ -180,6 +183,7 @@ def call_stats(scores: list[TextScores], rule: CallRule, score: str = "p_call") 
     f1 = 2 * precision * recall / (precision + recall) if precision and recall else None
     classes = np.concatenate([s.classes() for s in scores])  # (P,)
     value = np.concatenate([s.scores[score] for s in scores]).astype(np.float64)  # (P,)
+    rank = np.concatenate([s.scores[ranked] for s in scores]).astype(np.float64)  # (P,) same order, no saturation
     first = np.zeros(len(value), dtype=bool)  # first token of an unknown value
     offset = 0
     for s in scores:
@@ -189,8 +193,8 @@ def call_stats(scores: list[TextScores], rule: CallRule, score: str = "p_call") 
     outside = (classes == FREE) | (classes == OTHER)
     return {
         "score": score,
-        "auc": roc_auc(value[classes == UNKNOWN_FACT], value[classes != UNKNOWN_FACT]),
-        "auc_first": roc_auc(value[first], value[outside]),
+        "auc": roc_auc(rank[classes == UNKNOWN_FACT], rank[classes != UNKNOWN_FACT]),
+        "auc_first": roc_auc(rank[first], rank[outside]),
         "landing": {name: float((classes[call] == k).mean()) if call.any() else None
                     for k, name in enumerate(CLASSES)},
         "class_share": {name: float((classes == k).mean()) if len(classes) else 0.0 for k, name in enumerate(CLASSES)},

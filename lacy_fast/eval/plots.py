@@ -5,7 +5,8 @@
 draws, per run, the loss, the loss on ground-truth targets, the loss on <CALL> targets
 and the call rate against the step, from each run's ``metrics.jsonl``.
 
-``plot_sweep`` draws the evaluation's FactScore vs call-rate curves (``lacy-fast eval
+``plot_budget_curve`` draws the demo's main plot: FactScore against the call budget, every
+strategy, the seed spread as a band. ``plot_sweep`` draws the evaluation's FactScore vs call-rate curves (``lacy-fast eval
 --sweep``, ``lacy_fast.eval.run.sweep``), one line per model. ``plot_regime`` draws the
 demo's regime diagnostics: FactScore on frequent and rare people, alone and in cascade,
 and where each SLM's calls land.
@@ -118,6 +119,46 @@ def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     axes[0].set_ylim(-0.02, 1.02)
     axes[1].set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_budget_curve(curves: dict[str, list[list[dict[str, Any]]]], out: Path) -> Path:
+    """FactScore against the nominal call budget, one line per name (the mean over seeds) and
+    the seed spread (± one standard deviation) as a band; beside it, the realised call rate
+    against the budget (the diagonal: budgets met).
+
+    ``curves``: name -> one list of ``sweep`` points per seed, the same budgets in each.
+    Budgets where a seed states no fact are left out of that name's FactScore line.
+    """
+    import numpy as np
+
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    colors = _colors(list(curves))
+    for name, per_seed in curves.items():
+        budgets = [p["budget"] for p in sorted(per_seed[0], key=lambda p: p["budget"])]
+        at = [[next(p for p in points if p["budget"] == b) for points in per_seed] for b in budgets]
+        scored = [(b, [p["factscore"] for p in ps]) for b, ps in zip(budgets, at)
+                  if all(p["factscore"] is not None for p in ps)]
+        if scored:
+            x = np.array([b for b, _ in scored])
+            values = np.array([v for _, v in scored], dtype=float)  # (budgets, seeds)
+            mean, std = values.mean(1), values.std(1, ddof=1) if values.shape[1] > 1 else np.zeros(len(x))
+            axes[0].plot(x, mean, marker="o", label=name, linewidth=1.4, color=colors[name])
+            if values.shape[1] > 1:
+                axes[0].fill_between(x, mean - std, mean + std, color=colors[name], alpha=0.15, linewidth=0)
+        rates = np.array([[p["call_rate"] for p in ps] for ps in at], dtype=float)  # (budgets, seeds)
+        axes[1].plot(budgets, rates.mean(1), marker="o", label=name, linewidth=1.2, color=colors[name])
+    seeds = max((len(v) for v in curves.values()), default=1)
+    axes[0].set_title("FactScore at each call budget" + (f" (band: ± 1 sd over {seeds} seeds)" if seeds > 1 else ""),
+                      fontsize=10)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    top = max((p["budget"] for v in curves.values() for points in v for p in points), default=1.0)
+    axes[1].plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--")
+    axes[1].set_title("realised call rate", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("call budget (share of decoding steps)")
+        ax.grid(alpha=0.3)
     return _save(fig, out)
 
 

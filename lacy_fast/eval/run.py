@@ -51,7 +51,8 @@ import torch
 from lacy_fast.cascade.big import BigModel, LacyBig, load_big
 from lacy_fast.cascade.engine import Cascade, Generation, summarize
 from lacy_fast.cascade.generate import add_cascade_arguments, cascade_config
-from lacy_fast.cascade.rules import make_rule, resolve_score
+from lacy_fast.cascade.calibration import Calibration, calibrate
+from lacy_fast.cascade.rules import make_rule, ranked_score, resolve_score
 from lacy_fast.cascade.slm import ExportedModel, load_model, resolve_device
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.data.facts import FactTable, HeldOut, Person, read_heldout
@@ -81,18 +82,22 @@ def evaluate(slm: SlmLike, big: BigLike, facts_path: str | Path, *, heldout_path
     slm, big = _slm(slm, device), _big(big, device, cfg.cascade)
     table, texts = _data(facts_path, heldout_path, cfg.people)
     people = [h.person for h in texts]
+    score = resolve_score(cfg.cascade.score, slm.meta.get("strategy"))
+    calib = _calibration(slm, score, facts_path, heldout_path, table, cfg.cascade, device)
 
     t0 = time.perf_counter()
-    generations = _generate(slm, big, cfg.cascade, people, device, progress)
+    generations = _generate(slm, big, cfg.cascade, people, device, progress, calibration=calib)
     t1 = time.perf_counter()
     bar = Progress("eval held-out", total=len(texts), unit="texts", enabled=progress)
     scores = score_texts(slm, texts, batch_size=cfg.heldout_batch_size, device=device, progress=bar)
     bar.close()
+    if calib is not None:
+        for s in scores:
+            s.scores["combined"] = calib.rank_product(s.scores["call_logodds"], s.scores["entropy"])
     t2 = time.perf_counter()
 
     fs, by_bucket = _factscores(table, people, generations)
     gen = summarize(generations)
-    score = resolve_score(cfg.cascade.score, slm.meta.get("strategy"))
     leak, ppl = leakage(scores), perplexity(scores)
     samples = []
     for person, g in zip(people[: cfg.samples], generations):
@@ -108,7 +113,7 @@ def evaluate(slm: SlmLike, big: BigLike, facts_path: str | Path, *, heldout_path
         "factscore_detail": fs,
         "factscore_by_bucket": by_bucket,
         "generation": gen,
-        "calls": call_stats(scores, make_rule(cfg.cascade), score),
+        "calls": call_stats(scores, make_rule(cfg.cascade), score, ranked_score(score, cfg.cascade.rule)),
         "leakage_detail": leak,
         "perplexity_detail": ppl,
         "samples": samples,
@@ -116,6 +121,8 @@ def evaluate(slm: SlmLike, big: BigLike, facts_path: str | Path, *, heldout_path
         "big": big.name if big is not None else "none",
         "rule": cfg.cascade.rule if big is not None else "never",
         "rule_heldout": cfg.cascade.rule,
+        "handoff": getattr(big, "handoff", None) if big is not None else None,
+        "calibration": calib.meta if calib is not None else None,
         "people": len(people),
         "config": cfg.to_dict(),
         "seconds": {"generation": t1 - t0, "heldout": t2 - t1, "total": time.perf_counter() - start},
@@ -128,7 +135,7 @@ def sweep(slm: SlmLike, big: BigLike, facts_path: str | Path, *, budgets: tuple[
     """FactScore against the call rate: one cascade generation per call budget (rule=budget).
 
     Returns one point per budget (``cfg.sweep`` unless ``budgets``): ``budget``,
-    ``call_rate``, ``answered_rate``, ``factscore`` (macro), ``factscore_micro``,
+    ``call_rate``, ``answered_rate``, ``steps``, ``calls``, ``factscore`` (macro), ``factscore_micro``,
     ``facts_per_generation``, ``supported_per_generation``, ``share_with_facts``.
     """
     cfg = cfg or EvalConfig()
@@ -137,12 +144,16 @@ def sweep(slm: SlmLike, big: BigLike, facts_path: str | Path, *, budgets: tuple[
         raise UserError("the call-rate sweep needs a big model to call; pass --big (a model or oracle:FACTS)")
     table, texts = _data(facts_path, heldout_path, cfg.people)
     people = [h.person for h in texts]
+    score = resolve_score(cfg.cascade.score, slm.meta.get("strategy"))
+    calib = _calibration(slm, score, facts_path, heldout_path, table, cfg.cascade, device)
     points = []
     for budget in budgets if budgets is not None else cfg.sweep:
         run_cfg = dataclasses.replace(cfg.cascade, rule="budget", budget=budget)
-        generations = _generate(slm, big, run_cfg, people, device, progress, label=f"sweep {budget:.2f}")
+        generations = _generate(slm, big, run_cfg, people, device, progress, label=f"sweep {budget:.2f}",
+                                calibration=calib)
         (fs, by_bucket), gen = _factscores(table, people, generations), summarize(generations)
         points.append({"budget": budget, "call_rate": gen["call_rate"], "answered_rate": gen["answered_rate"],
+                       "steps": gen["steps"], "calls": gen["calls"],
                        "factscore": fs["macro"], "factscore_micro": fs["micro"],
                        **{f"factscore_{b}": f["macro"] for b, f in by_bucket.items()},
                        "facts_per_generation": fs["facts_per_generation"],
@@ -162,11 +173,24 @@ def _factscores(table: FactTable, people: list[Person], generations: list[Genera
 
 
 def _generate(slm: ExportedModel, big: BigModel | None, cfg: CascadeConfig, people: list[Person],
-              device: torch.device | str, progress: bool, label: str = "eval generate") -> list[Generation]:
+              device: torch.device | str, progress: bool, label: str = "eval generate",
+              calibration: Calibration | None = None) -> list[Generation]:
     bar = Progress(label, total=len(people), unit="people", enabled=progress)
-    generations = Cascade(slm, big, cfg, device).generate([prompt_for(p) for p in people], bar)
+    generations = Cascade(slm, big, cfg, device, calibration).generate([prompt_for(p) for p in people], bar)
     bar.close()
     return generations
+
+
+def _calibration(slm: ExportedModel, score: str, facts_path: str | Path, heldout_path: str | Path | None,
+                 table: FactTable, cfg: CascadeConfig, device: torch.device | str) -> Calibration | None:
+    """score=combined: the CDFs on training documents (corpus.jsonl beside the facts) of people
+    outside the held-out file, so that no evaluated person is read; None for other scores."""
+    if score != "combined":
+        return None
+    heldout = Path(heldout_path) if heldout_path is not None else Path(facts_path).with_name("heldout.jsonl")
+    exclude = {h.person.id for h in read_heldout(heldout, table)}  # every person an evaluation may take
+    return calibrate(slm, Path(facts_path).with_name("corpus.jsonl"), table, exclude,
+                     documents=cfg.calibration_docs, device=device)
 
 
 def _slm(slm: SlmLike, device: torch.device | str) -> ExportedModel:
