@@ -34,8 +34,11 @@ Result (JSON): ``factscore`` (macro FactScore, None when no fact was stated),
 ``factscore_detail``, ``factscore_by_bucket``, ``generation``
 (cascade counts), ``calls`` (held-out precision / recall), ``leakage_detail``,
 ``perplexity_detail``, ``samples`` (a few generations with the big model's spans marked),
-``slm``, ``big``, ``rule``, ``rule_heldout``, ``people``, ``config``, ``seconds``; with
-``--sweep``, ``sweep``: the FactScore at each call budget.
+``slm``, ``big``, ``rule``, ``rule_heldout``, ``handoff`` (what one answered call supplies:
+``token``, ``word``, or ``value`` for ``oracle-value:FACTS``, the upper bound; None alone),
+``calibration`` (``--score combined``: the training documents its ranks come from, read from
+``corpus.jsonl`` beside the facts, never about a held-out person), ``people``, ``config``,
+``seconds``; with ``--sweep``, ``sweep``: the FactScore at each call budget.
 """
 from __future__ import annotations
 
