@@ -45,9 +45,10 @@ fixed by the flags: ``selected_count`` in lacy_fast/train/loop.py) and passes
 bound would change every step, and torch.compile guards on an int argument (a recompile
 when it changes, then a symbolic int; CUDA graphs record a graph per value), so buckets
 keep the values few for under N/128 extra rows. Without a hint, on CPU tensors the op
-counts the selection itself (free there) and takes its ``selection_bound``; on CUDA (and
-under torch.compile) it takes the bound from the arguments alone (``static_bound``:
-floor(call_fraction N)), always correct, slower, and warns once naming the hint. Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
+counts the selection itself (free there) and takes its ``selection_bound``; on CUDA it
+takes the bound from the arguments alone (``static_bound``: floor(call_fraction N)),
+always correct, slower, and warns once naming the hint (under torch.compile it takes that
+bound too). Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
 spacy and judge select by the flags, known before any logit, so their rows get the <CALL>
 gradient in the first pass. On device the op checks the bound: if more rows were
 selected the loss and gradients are NaN, never silently wrong.
