@@ -4,6 +4,7 @@ selection itself and corrects the same rows as with the hint the training loop p
 bound (no host synchronisation) and says once which hint saves the extra rows."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -39,8 +40,9 @@ def host_hint(strategy, targets, flags, vocab, call_id):
     return selection_bound(selected_count(strategy, FRACTION, *counts), targets.numel())
 
 
-def run(case, strategy, impl, max_selected, bounds):
-    hidden, weight, targets, flags, ref_nll, call_id = case
+@contextlib.contextmanager
+def bounds_seen(bounds: list):
+    """Records the bound the public wrapper hands to the op (its 11th argument)."""
     real = op._lacy_ce
 
     def spy(*args):
@@ -49,11 +51,17 @@ def run(case, strategy, impl, max_selected, bounds):
 
     op._lacy_ce = spy
     try:
+        yield bounds
+    finally:
+        op._lacy_ce = real
+
+
+def run(case, strategy, impl, max_selected, bounds):
+    hidden, weight, targets, flags, ref_nll, call_id = case
+    with bounds_seen(bounds):
         loss, stats = lacy_linear_cross_entropy(hidden, weight, targets, flags, call_id, strategy=strategy,
                                                 call_fraction=FRACTION, ref_nll=ref_nll, ignore_index=IGNORE,
                                                 impl=impl, max_selected=max_selected)
-    finally:
-        op._lacy_ce = real
     grads = torch.autograd.grad(loss, (hidden, weight))
     return [loss.detach(), *grads, stats["is_call"]]
 
@@ -84,19 +92,9 @@ def test_no_hint_never_exceeds_the_static_bound():
     hint = selection_bound(case.host_count(), 37)
     static = static_bound("loss", case.call_fraction, 37)
     assert hint > static
-    bounds = []
-    real = op._lacy_ce
-
-    def spy(*args):
-        bounds.append(args[10])
-        return real(*args)
-
-    op._lacy_ce = spy
-    try:
+    with bounds_seen([]) as bounds:
         result = run_case(functools.partial(lacy_linear_cross_entropy, impl="chunked"), case.hidden, case.weight,
                           case)
-    finally:
-        op._lacy_ce = real
     assert bounds == [static]
     check(result, case)
 
