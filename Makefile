@@ -3,8 +3,10 @@
 #   make test   set up .venv, then run the test suite
 # `make setup` alone builds the environment; LACY_FAST_NO_NATIVE=1 skips the C++ helpers.
 # On a GPU machine, offline, with only torch and triton installed (no setup):
-#   make gpu-wheels WHEELS=dir   where a registry is reached: the wheels the check needs (<= 64 MiB)
-#   make gpu-check [WHEELS=dir]  the GPU tests, kernel benchmark and timed training steps (bench/gpu_check.py)
+#   make gpu-wheels WHEELS=dir   where a registry is reached: the wheels the check needs (<= 64 MiB),
+#                                DeepSpeed among them, built by the .venv's Python without compiled ops
+#   make gpu-check [WHEELS=dir]  the GPU tests, kernel benchmark, the Trainer's timed steps (DeepSpeed)
+#                                and the determinism check (bench/gpu_check.py)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -37,8 +39,8 @@ test: setup
 gpu-check:
 	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
-gpu-wheels:
-	$(PYTHON) bench/gpu_wheels.py --out $(or $(WHEELS),gpu-wheels)
+gpu-wheels: setup
+	$(BIN)/python bench/gpu_wheels.py --out $(or $(WHEELS),gpu-wheels)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,11 @@
 """Build of lacy-fast.
 
 The Triton kernels live in the top-level folder ``kernels/`` but install as the subpackage
-``lacy_fast.kernels``: the top-level name ``kernels`` belongs to another PyPI project.
+``lacy_fast.kernels``: the top-level name ``kernels`` belongs to another PyPI project
+(Hugging Face's, which transformers imports). The folder has no ``__init__.py``, so that from
+a checkout's root it can never shadow that package; the package's ``__init__`` is
+``lacy_fast/kernels/__init__.py``, and ``BuildPy`` copies ``kernels/*.py`` next to it in a
+wheel (an editable install and a plain checkout find them through its ``__path__``).
 
 The native data helpers (``CMakeLists.txt``, ``lacy_fast/data/csrc``) are built by CMake
 through ``build_ext``, for ``pip install .`` and ``pip install -e .`` alike, into
@@ -17,6 +21,7 @@ import tempfile
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,9 +55,21 @@ class CMakeBuild(build_ext):
             shutil.copyfile(os.path.join(build_dir, built[0]), target)
 
 
+class BuildPy(build_py):
+    """Adds the top-level ``kernels/*.py`` to the package ``lacy_fast.kernels``."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "lacy_fast.kernels":
+            folder = os.path.relpath(os.path.join(ROOT, "kernels"))
+            modules += [(package, os.path.splitext(f)[0], os.path.join(folder, f))
+                        for f in sorted(os.listdir(folder)) if f.endswith(".py") and f != "__init__.py"]
+        return modules
+
+
 native = Extension("lacy_fast.data._lacy_native", sources=[])
 
-packages = find_packages(include=["lacy_fast", "lacy_fast.*"]) + ["lacy_fast.kernels"]
+packages = find_packages(include=["lacy_fast", "lacy_fast.*"])
 
 setup(
     name="lacy-fast",
@@ -60,10 +77,9 @@ setup(
     description="Pretraining trainer for small language models that learn when to <CALL> a bigger model (LaCy).",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"lacy_fast.kernels": "kernels"},
     package_data={"lacy_fast": ["presets/*.toml"]},
     ext_modules=[native],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     install_requires=[
         # A range that torch 2.13.0 satisfies: the Makefile installs `torch==2.13.0` first, so
         # pip never swaps the CPU build for a CUDA one on a machine without a GPU.

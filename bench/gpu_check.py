@@ -3,11 +3,12 @@
     python bench/gpu_check.py --wheels gpu-wheels      # on a GPU machine, offline
     python bench/gpu_check.py --cpu-dry-run            # every stage at a tiny size on the CPU
 
-Runs from the checkout as it is (lacy-fast is not installed: ``lacy_fast.kernels`` is
-mapped onto ``kernels/`` the way setup.py's package_dir maps it), with nothing but torch
-and triton preinstalled, plus the wheels of ``--wheels`` (a folder bench/gpu_wheels.py
-prepared where a registry is reached, at most 64 MiB). Stages, each a subprocess with its
-own time limit, all within ``--budget`` seconds (default 480, the issue's 8 minutes):
+Runs from the checkout as it is (lacy-fast is not installed: ``lacy_fast/kernels/__init__.py``
+finds the modules in ``kernels/``), with nothing but torch, triton and a few common packages
+preinstalled (no spaCy, no DeepSpeed), plus the wheels of ``--wheels`` (a folder
+bench/gpu_wheels.py prepared where a registry is reached, at most 64 MiB). Stages, each a
+subprocess with its own time limit, all within ``--budget`` seconds (default 480, the
+issue's 8 minutes):
 
   setup   check the wheel folder (size, MANIFEST.json sizes and sha256) and unpack each
           wheel whose distribution is not importable yet into <work>/site, a private
@@ -18,14 +19,22 @@ own time limit, all within ``--budget`` seconds (default 480, the issue's 8 minu
           Liger, CCE), each checked against the fp64 reference first; a provider that
           is not installed is a row saying so; one that crashes or disagrees fails the
           stage. Rows: <results>/lacy_ce.jsonl.
-  train   30 timed steps of lacy-334m (context 1024, micro-batch 16) for strategies none
-          and lacy, with flash-attn and with PyTorch SDPA where flash-attn is installed
-          (a row says so where it is not): tokens/s, MFU, peak memory. The steps are a
-          plain PyTorch step, not the DeepSpeed loop (DeepSpeed is not on that machine):
-          the same GPT and LacyLM module, bf16 weights with fp32 master weights in fused
-          AdamW, gradient clipping at 1.0 (what DeepSpeed's bf16 optimizer does on one
-          GPU), on synthetic tokens with 25% fact flags, pre-generated on the device (no
-          data loader). Rows: <results>/train_step.jsonl.
+  train   the product's Trainer (lacy_fast/train/loop.py: DeepSpeed, one GPU, bf16, ZeRO
+          stage 1) on shards written at start from synthetic ids and 25% fact flags
+          (``synthetic_data``: no corpus, no spaCy, whose import the stage blocks), 30
+          steps of lacy-334m (context 1024, micro-batch 16; the first 5 not timed) for
+          strategies none and lacy, with flash-attn and with PyTorch SDPA where flash-attn
+          is installed (a row says so where it is not): tokens/s, MFU, peak memory and
+          LaCy's overhead over none, from the Trainer's own metrics. The end-of-run
+          checkpoint and export are not written (``Timed.save``): their I/O is not timed.
+          Rows (``"loop": "Trainer"``, ``"engine": "deepspeed"``, ``zero_stage``):
+          <results>/train_step.jsonl.
+  determinism
+          the Triton op (none and lacy, forward and backward, bf16) in two fresh processes
+          on the same seeded inputs: loss, selection and both gradients must be equal bit
+          for bit (sha256 of their bytes). Rows: <results>/determinism.jsonl.
+``--cpu-dry-run`` runs every stage at a tiny size on the CPU: the Trainer on DeepSpeed's
+CPU accelerator with gloo, fp32; the determinism stage under TRITON_INTERPRET=1.
 Every stage appends a row (passed / failed / timed out, seconds) to <results>/gpu_check.jsonl;
 the exit status is 0 only if every stage passed. Every row carries the device name,
 library versions and commit (bench/harness.py). Commit before running so the rows name a
@@ -50,25 +59,19 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 from lacy_fast.errors import UserError  # noqa: E402  (a plain package: importable from the checkout)
 
-STAGES = ("tests", "kernel", "train")
-SHARES = {"tests": 0.28, "kernel": 0.47, "train": 0.25}  # of the budget left after setup (kernel: two torch.compile builds)
+STAGES = ("tests", "kernel", "train", "determinism")
+# Of the budget left after setup (kernel: two torch.compile builds; train: four DeepSpeed starts).
+SHARES = {"tests": 0.2, "kernel": 0.4, "train": 0.32, "determinism": 0.08}
 LIMIT_BYTES = 64 * 2**20
 MANIFEST = "MANIFEST.json"
 
 
 def use_checkout() -> None:
-    """Import lacy-fast from this checkout, installed or not."""
+    """Import lacy-fast from this checkout, installed or not (``lacy_fast/kernels/__init__.py``
+    finds the modules in ``kernels/``)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import lacy_fast
-
-    try:
-        import lacy_fast.kernels  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "lacy_fast.kernels":
-            raise
-        lacy_fast.__path__.append(str(ROOT))  # lacy_fast.kernels -> ROOT/kernels, as setup.py maps it
-        import lacy_fast.kernels  # noqa: F401
+    import lacy_fast.kernels  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,78 +160,102 @@ def stage_kernel(args) -> int:
     return bench_lacy_ce.main(argv + ["--strategies", "lacy,none", "--results", str(args.results / "lacy_ce.jsonl")])
 
 
-def timed_steps(preset: str, strategy: str, attention: str, *, seq_len: int, micro_batch: int, steps: int,
-                warmup: int, device, precision: str, vocab: int = 32001) -> dict:
-    """Tokens/s, MFU and peak memory of ``steps`` plain PyTorch training steps (module docstring)."""
+# The train stage's data: synthetic ids and fact flags, written as a `lacy-fast prepare`
+# output (no corpus, no spaCy: the GPU machine has neither).
+FACT_SHARE = 0.25
+
+
+def synthetic_data(folder: Path, vocab: int, n_tokens: int, seed: int = 0) -> Path:
+    """A prepare-shaped directory: a SentencePiece tokenizer of ``vocab`` pieces (trained on
+    random words, so that its ids are what the Trainer checks against), one shard of random
+    documents (ids drawn from the non-special pieces, ~FACT_SHARE fact flags, each document
+    ending with EOS), prepare.json and stats.json."""
+    import random
+
+    import numpy as np
+
+    from lacy_fast.config import TokenizerConfig
+    from lacy_fast.data.shards import shard_name, write_shard
+    from lacy_fast.data.tokenizer import Tokenizer
+    from lacy_fast.fileio import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+             for _ in range(max(2000, vocab + vocab // 4))]
+    texts = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(max(200, vocab // 16))]
+    tok = Tokenizer.train(texts, TokenizerConfig(vocab_size=vocab), folder / "tokenizer.model")
+    gen = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < n_tokens:
+        length = int(gen.integers(200, 2000))
+        ids = gen.integers(tok.call_id + 1, tok.vocab_size, length).astype(np.int64)
+        flags = (gen.random(length) < FACT_SHARE).astype(np.uint8)
+        ids[-1], flags[-1] = tok.eos_id, 0
+        docs.append((ids, flags))
+        total += length
+    write_shard(folder / shard_name(0), docs, tok.sha256, tok.vocab_size)
+    facts = int(sum(int(f.sum()) for _, f in docs))
+    write_json(folder / "prepare.json", {"synthetic": "bench/gpu_check.py", "vocab_size": vocab, "seed": seed})
+    write_json(folder / "stats.json", {"documents": len(docs), "tokens": total, "fact_tokens": facts,
+                                       "fact_fraction": facts / total, "judge_tokens": 0})
+    return folder
+
+
+def run_trainer(data: Path, out: Path, strategy: str, attention: str, shape: dict) -> dict:
+    """One run of the product's Trainer (DeepSpeed, one process, ZeRO ``shape['zero_stage']``);
+    tokens/s, MFU and peak memory of the steps after the first ``warmup``, from its metrics."""
+    import statistics
+
     import torch
 
-    from lacy_fast.config import ModelConfig, ObjectiveConfig
-    from lacy_fast.kernels import selection_bound
-    from lacy_fast.model import GPT
-    from lacy_fast.method import selected_count
-    from lacy_fast.train.metrics import mfu, peak_memory_bytes, peak_tflops
-    from lacy_fast.train.objective import LacyLM
+    from lacy_fast.config import RunConfig, load_config
+    from lacy_fast.train import loop
 
-    torch.manual_seed(0)
-    call_id = vocab - 1
-    model = GPT(ModelConfig(preset=preset, vocab_size=vocab, attention=attention)).to(device)
-    bf16 = precision == "bf16"
-    params = [p for p in model.parameters() if p.requires_grad]
-    if bf16:
-        model.to(torch.bfloat16)
-        master = [p.detach().float().clone().requires_grad_() for p in params]
-    else:
-        master = params
-    opt = torch.optim.AdamW(master, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=device.type == "cuda")
-    module = LacyLM(model, ObjectiveConfig(strategy=strategy, call_fraction=0.6), call_id)
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, call_id, (micro_batch, seq_len + 1), generator=gen)
-    flags = (torch.rand(micro_batch, seq_len, generator=gen) < 0.25).to(torch.uint8)
-    n = micro_batch * seq_len
-    count = selected_count(strategy, 0.6, n, int((flags & 1).sum()), 0)  # host-side, as the loop has it
-    bound = selection_bound(count, n)
-    idx, targets, flags = (t.to(device) for t in (tokens[:, :-1], tokens[:, 1:], flags))
+    class Timed(loop.Trainer):
+        def save(self) -> None:  # the end-of-run checkpoint and export: I/O, not what is timed
+            self.log()
 
-    def step():
-        loss, _ = module(idx, targets, flags, max_selected=bound)
-        loss.backward()
-        if bf16:
-            for m, p in zip(master, params):
-                m.grad = p.grad.float()
-                p.grad = None
-        torch.nn.utils.clip_grad_norm_(master, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if bf16:
-            with torch.no_grad():
-                torch._foreach_copy_(params, master)
-        return loss
+    warmup, steps = shape["warmup"], shape["steps"]
+    cfg = load_config(RunConfig, shape["preset"], [
+        f"data.path={data}", f"out_dir={out}", f"train.seq_len={shape['seq_len']}",
+        f"model.max_seq_len={max(shape['seq_len'], 256)}", f"train.micro_batch_size={shape['micro_batch']}",
+        "train.grad_accum=1", f"train.max_steps={warmup + steps}", f"train.log_every={warmup}", "train.ckpt_every=0",
+        f"train.precision={shape['precision']}", f"zero_stage={shape['zero_stage']}", f"objective.strategy={strategy}",
+        f"model.attention={attention}", "train.compile=false"])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    loop._select_accelerator()
+    loop._quiet_deepspeed()
+    d = loop.setup_distributed()
+    try:
+        trainer = Timed(cfg, d, progress=False)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    finally:
+        d.teardown()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["step"] > warmup]
+    if not timed or not math.isfinite(timed[-1]["loss"]):
+        raise RuntimeError(f"no finite timed step in {out / 'metrics.jsonl'}")
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    return {"tokens_per_s": tokens_per_s, "step_ms": shape["micro_batch"] * shape["seq_len"] / tokens_per_s * 1e3,
+            "mfu": timed[-1]["mfu"], "peak_mem_gb": timed[-1]["peak_mem_gb"], "loss": timed[-1]["loss"],
+            "call_rate": timed[-1]["call_rate"], "timed_steps": len(timed)}
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    for _ in range(warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    elapsed = time.perf_counter() - t0
-    final = float(loss.detach())
-    if not math.isfinite(final):
-        raise RuntimeError(f"the loss is {final} after {warmup + steps} steps ({strategy}, {attention})")
-    tokens_per_s = n * steps / elapsed
-    return {"tokens_per_s": tokens_per_s, "step_ms": elapsed / steps * 1e3,
-            "mfu": mfu(model.estimate_flops_per_token(seq_len), tokens_per_s, peak_tflops(device, precision), 1),
-            "peak_mem_gb": peak_memory_bytes(device) / 2**30, "loss": final, "selection_bound": bound,
-            "selected": count}
+def _block_spacy() -> None:
+    """The GPU machine has no spaCy: the train stage must not import it anywhere (an import
+    fails here as it would there)."""
+    sys.modules["spacy"] = None  # type: ignore[assignment]
 
 
 def stage_train(args) -> int:
+    import tempfile
+
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -236,35 +263,38 @@ def stage_train(args) -> int:
 
     from lacy_fast.model.attention import flash_available
 
+    _block_spacy()
     if args.cpu_dry_run:
-        device, precision = torch.device("cpu"), "fp32"
-        shape = dict(preset="tiny", seq_len=64, micro_batch=2, steps=3, warmup=1, vocab=257)
+        device = torch.device("cpu")
+        shape = dict(preset="tiny", seq_len=64, micro_batch=2, steps=2, warmup=1, vocab=400, precision="fp32")
     else:
-        device, precision = torch.device("cuda"), "bf16"
-        shape = dict(preset="lacy-334m", seq_len=1024, micro_batch=16, steps=30, warmup=5)
-    preset = shape.pop("preset")
+        device = torch.device("cuda")
+        shape = dict(preset="lacy-334m", seq_len=1024, micro_batch=16, steps=25, warmup=5, vocab=32000,
+                     precision="bf16")
+    shape["zero_stage"] = 1
     backends = ["flash", "sdpa"] if flash_available() and device.type == "cuda" else ["sdpa"]
-    common = {"preset": preset, "seq_len": shape["seq_len"], "micro_batch": shape["micro_batch"],
-              "steps": shape["steps"], "precision": precision,
-              "step_kind": "plain PyTorch step (no DeepSpeed): bf16 weights, fp32 master AdamW, clip 1.0"
-              if precision == "bf16" else "plain PyTorch step (no DeepSpeed), fp32, clip 1.0",
-              "data": "synthetic tokens, 25% fact flags, on device"}
+    common = {"loop": "Trainer", "engine": "deepspeed", "zero_stage": shape["zero_stage"], "preset": shape["preset"],
+              "seq_len": shape["seq_len"], "micro_batch": shape["micro_batch"], "steps": shape["steps"],
+              "precision": shape["precision"], "world_size": 1,
+              "data": f"synthetic shards: random ids, {FACT_SHARE:.0%} fact flags, {shape['vocab']}-piece tokenizer",
+              "deepspeed": importlib.metadata.version("deepspeed")}
     rows = []
     if "flash" not in backends:
         rows.append({**common, "attention": "flash", "status": "not run: flash-attn not installed"
                      + ("" if device.type == "cuda" else "; needs CUDA")})
     failed = False
-    for attention in backends:
-        for strategy in ("none", "lacy"):
-            try:
-                result = timed_steps(preset, strategy, attention, device=device, precision=precision, **shape)
-                rows.append({**common, "strategy": strategy, "attention": attention, "status": "ok", **result})
-            except Exception as err:  # noqa: BLE001 - a crash is a row, and fails the stage
-                rows.append({**common, "strategy": strategy, "attention": attention, "status": "crashed",
-                             "error": f"{type(err).__name__}: {err}"[:500]})
-                failed = True
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        need = (shape["steps"] + shape["warmup"]) * shape["micro_batch"] * (shape["seq_len"] + 1)
+        data = synthetic_data(Path(tmp) / "data", shape["vocab"], 2 * need)
+        for attention in backends:
+            for strategy in ("none", "lacy"):
+                try:
+                    result = run_trainer(data, Path(tmp) / f"{strategy}-{attention}", strategy, attention, shape)
+                    rows.append({**common, "strategy": strategy, "attention": attention, "status": "ok", **result})
+                except Exception as err:  # noqa: BLE001 - a crash is a row, and fails the stage
+                    rows.append({**common, "strategy": strategy, "attention": attention, "status": "crashed",
+                                 "error": f"{type(err).__name__}: {err}"[:500]})
+                    failed = True
     base = {r["attention"]: r["tokens_per_s"] for r in rows if r.get("strategy") == "none" and "tokens_per_s" in r}
     for row in rows:
         if row.get("strategy") == "lacy" and "tokens_per_s" in row and row["attention"] in base:
@@ -275,7 +305,61 @@ def stage_train(args) -> int:
     return 1 if failed else 0
 
 
-STAGE_FNS = {"tests": stage_tests, "kernel": stage_kernel, "train": stage_train}
+# The determinism stage: the Triton op, fwd + bwd on the same seeded inputs, in two processes.
+_DETERMINISM_RUN = """
+import hashlib, json, sys
+import torch
+from lacy_fast.kernels import lacy_linear_cross_entropy
+n, d, v, dtype, device = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4]), sys.argv[5]
+gen = torch.Generator().manual_seed(0)
+h = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+w = (torch.randn(v, d, generator=gen) / d ** 0.5).to(device, dtype).requires_grad_()
+t = torch.randint(0, v - 1, (n,), generator=gen)
+t[torch.rand(n, generator=gen) < 0.05] = -100
+f = (torch.rand(n, generator=gen) < 0.25).to(torch.uint8)
+out = {}
+for strategy in ("none", "lacy"):
+    loss, stats = lacy_linear_cross_entropy(h, w, t.to(device), f.to(device), v - 1, strategy=strategy, impl="triton")
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    named = (("loss", loss), ("grad_hidden", gh), ("grad_weight", gw), ("is_call", stats["is_call"]))
+    out[strategy] = {name: hashlib.sha256(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                     .hexdigest() for name, x in named}
+print(json.dumps(out))
+"""
+
+
+def stage_determinism(args) -> int:
+    """The Triton op twice, in two fresh processes: loss, selection and both gradients must be
+    equal bit for bit (sha256 of their bytes)."""
+    sys.path.insert(0, str(HERE))
+    from harness import env_info, record
+
+    env = dict(os.environ)
+    if args.cpu_dry_run:
+        shape, device = ("67", "48", "211", "float32"), "cpu"
+        env["TRITON_INTERPRET"] = "1"  # the kernels in the interpreter, as the CPU tests run them
+    else:
+        shape, device = ("16384", "1024", "32064", "bfloat16"), "cuda"
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _DETERMINISM_RUN, *shape, device], env=env, cwd=ROOT,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = []
+    for strategy in runs[0]:
+        differ = [name for name in runs[0][strategy] if runs[0][strategy][name] != runs[1][strategy][name]]
+        rows.append({"strategy": strategy, "N": int(shape[0]), "D": int(shape[1]), "V": int(shape[2]),
+                     "dtype": shape[3], "impl": "triton", "processes": 2, "identical": not differ, "differ": differ,
+                     "sha256": runs[0][strategy]})
+        print(f"  {strategy}: " + ("bit for bit equal" if not differ else f"DIFFER in {', '.join(differ)}"))
+    record("determinism", rows, env_info(device), out=args.results / "determinism.jsonl")
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+STAGE_FNS = {"tests": stage_tests, "kernel": stage_kernel, "train": stage_train, "determinism": stage_determinism}
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,15 +44,18 @@ fixed by the flags: ``selected_count`` in lacy_fast/train/loop.py) and passes
 ``selection_bound(count, N)``, that count rounded up to a bucket of N/128 rows: an exact
 bound would change every step, and torch.compile guards on an int argument (a recompile
 when it changes, then a symbolic int; CUDA graphs record a graph per value), so buckets
-keep the values few for under N/128 extra rows. A bound from the arguments alone
-(``static_bound``: floor(call_fraction N)) is the default when no hint is given: always
-correct, slower. Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
+keep the values few for under N/128 extra rows. Without a hint, on CPU tensors the op
+counts the selection itself (free there) and takes its ``selection_bound``; on CUDA it
+takes the bound from the arguments alone (``static_bound``: floor(call_fraction N)),
+always correct, slower, and warns once naming the hint (under torch.compile it takes that
+bound too). Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
 spacy and judge select by the flags, known before any logit, so their rows get the <CALL>
 gradient in the first pass. On device the op checks the bound: if more rows were
 selected the loss and gradients are NaN, never silently wrong.
 """
 import os
 import types
+import warnings
 
 import torch
 
@@ -68,8 +71,11 @@ from .lacy_ce_reference import (
     lacy_ce_one_pass,
     lacy_ce_torch,
     ordinary_coefs,
+    selection_bound,
+    selection_size,
     static_bound,
     stat_dtype,
+    valid_targets,
 )
 
 try:
@@ -664,9 +670,17 @@ def lacy_linear_cross_entropy(
              so every one of them pushes p(CALL) down. ``none`` is plain CE either way.
     max_selected  a host-side upper bound on the number of positions the strategy selects
              in this batch (``selection_bound(count, N)`` when the count is known on the
-             host, as in training); None: floor(call_fraction N) (correct, slower). Used by
-             the ranked strategies (lacy, loss, rho, ignore); if the batch selects more,
-             the loss and gradients are NaN. Ignored by ``impl="torch"``.
+             host, as in training). Used by the ranked strategies (lacy, loss, rho,
+             ignore); if the batch selects more, the loss and gradients are NaN. Ignored by
+             ``impl="torch"``. None (the default): on CPU tensors the op counts the
+             selection itself (``selection_size``: a sum over N flags, free next to the
+             GEMMs) and uses ``selection_bound`` of it, the bound a caller would pass, so
+             the default is as fast as the hint. On CUDA that count would cost a host
+             synchronisation, which the op never makes (CUDA graphs, torch.compile), and
+             the host holds nothing that bounds it, so the op corrects floor(call_fraction
+             N) rows (correct; for lacy at 25% fact targets four times the rows it
+             selects) and says once per process, with a warning, which hint saves that.
+             Under torch.compile the CPU count is skipped too (the same static bound).
     call_weight  lambda in (0, 1]: a selected row's loss is (1 - lambda) x its ordinary
              loss + lambda x -log p(CALL) (soft relabeling: a learnable target keeps a
              ground-truth gradient); 1, the default, is the paper's relabel. Ranked
@@ -691,7 +705,10 @@ def lacy_linear_cross_entropy(
                              ignore_index, renormalize, call_weight=float(call_weight),
                              weight_by_error=bool(weight_by_error))
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    bound = static_bound(strategy, call_fraction, hidden.shape[0]) if max_selected is None else max_selected
+    if max_selected is None:
+        bound = _default_bound(strategy, call_fraction, targets, flags, weight.shape[0], call_id, ignore_index)
+    else:
+        bound = max_selected
     loss, nll, is_call, p_call, *_ = _lacy_ce(hidden, weight, targets, flags, ref_nll if strategy == "rho" else None,
                                               call_id, strategy, float(call_fraction), ignore_index, renormalize,
                                               float(call_weight), bool(weight_by_error), bound, grads, impl)
@@ -706,6 +723,32 @@ def _check_call_weight(strategy: str, call_weight: float, weight_by_error: bool)
     if (call_weight != 1.0 or weight_by_error) and strategy not in RELABEL_RANKED:
         raise LacyLossArgumentError(f"a soft relabel (call_weight < 1 or weight_by_error) applies to the ranked "
                                     f"strategies that relabel ({', '.join(RELABEL_RANKED)}), not to {strategy!r}")
+
+
+_HINT_NOTED = []  # the one-time message of _default_bound, once per process
+
+
+def _default_bound(strategy, call_fraction, targets, flags, vocab, call_id, ignore_index) -> int:
+    """``max_selected`` of a call that gave none (lacy_linear_cross_entropy's docstring):
+    the exact count's ``selection_bound`` on CPU (or the static bound where that is less:
+    small N, coarse buckets), else the static bound and a one-time note."""
+    n = targets.shape[0]
+    bound = static_bound(strategy, call_fraction, n)
+    if bound == 0 or torch.compiler.is_compiling():
+        return bound
+    if targets.device.type == "cpu":
+        valid = valid_targets(targets, vocab, call_id, ignore_index)
+        return min(bound, selection_bound(int(selection_size(strategy, valid, flags, call_fraction)), n))
+    if not _HINT_NOTED:
+        _HINT_NOTED.append(True)
+        warnings.warn(
+            f"lacy_linear_cross_entropy: without max_selected the {strategy!r} correction covers "
+            f"floor(call_fraction * N) = {bound} of {n} rows on {targets.device.type}; pass "
+            "max_selected=selection_bound(count, N), with count the positions the strategy selects as the host "
+            "knows it (lacy_fast.method.selected_count of the batch's valid / fact / judge target counts), to "
+            "correct only about that many (a quarter for lacy at 25% fact targets). Shown once.",
+            stacklevel=3)
+    return bound
 
 
 def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,

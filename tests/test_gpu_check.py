@@ -33,17 +33,35 @@ def _wheel(folder: Path, dist: str, module: str, body: str = "VALUE = 7\n", pad:
     return path
 
 
-def _fake_download(sizes: dict[str, int] | None = None, skip: str | None = None, suffix: str = "py3-none-any"):
-    """A stand-in for pip download: writes a file per requested spec (no network)."""
+KIND_SUFFIX = {"pure": "py3-none-any", "cp312": "cp312-cp312-manylinux_2_17_x86_64"}
+
+
+def _fake_download(sizes: dict[str, int] | None = None, skip: str | None = None, suffix: str | None = None):
+    """A stand-in for pip download: writes a file per requested spec (no network), with the
+    tag of the kind PACKAGES lists unless ``suffix`` says otherwise."""
+    kinds = {name: kind for name, _, kind, _ in gpu_wheels.PACKAGES}
+
     def download(specs: list[str], out: Path) -> None:
         for spec in specs:
             name, version = spec.split("==")
             if name == skip:
                 continue
             size = (sizes or {}).get(name, 1000)
-            with open(out / f"{name.replace('-', '_')}-{version}-{suffix}.whl", "wb") as fh:
+            with open(out / f"{name.replace('-', '_')}-{version}-{suffix or KIND_SUFFIX[kinds[name]]}.whl", "wb") as fh:
                 fh.truncate(size)  # sparse: the size counts, the disk does not fill
     return download
+
+
+def _fake_build(compiled: bool = False):
+    """A stand-in for the DS_BUILD_OPS=0 build: a real (tiny) pure-Python wheel per spec."""
+    def build(specs: list[str], out: Path) -> None:
+        for spec in specs:
+            name, version = spec.split("==")
+            with zipfile.ZipFile(out / f"{name}-{version}-py3-none-any.whl", "w") as zf:
+                zf.writestr(f"{name}/__init__.py", "")
+                if compiled:
+                    zf.writestr(f"{name}/ops/fused_adam.so", b"\x7fELF")
+    return build
 
 
 # ----------------------------------------------------------------------------------------
@@ -53,28 +71,41 @@ def _fake_download(sizes: dict[str, int] | None = None, skip: str | None = None,
 
 def test_wheels_script_writes_a_manifest(tmp_path):
     out = tmp_path / "wheels"
-    assert gpu_wheels.main(["--out", str(out)], download=_fake_download()) == 0
+    assert gpu_wheels.main(["--out", str(out)], download=_fake_download(), build=_fake_build()) == 0
     manifest = json.loads((out / gpu_wheels.MANIFEST).read_text())
     names = {w["file"].split("-")[0] for w in manifest["wheels"]}
-    assert names == {name.replace("-", "_") for name, _, _ in gpu_wheels.PACKAGES}
-    assert all(w["bytes"] == 1000 and len(w["sha256"]) == 64 for w in manifest["wheels"])
+    assert names == {name.replace("-", "_") for name, _, _, _ in gpu_wheels.PACKAGES}
+    assert {"deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection"} <= names
+    assert all(len(w["sha256"]) == 64 for w in manifest["wheels"])
+    assert {p["name"]: p["kind"] for p in manifest["packages"]}["deepspeed"] == "built"
     assert gpu_check.check_wheels(out) == sorted(out.glob("*.whl"))  # what the check accepts
 
 
-@pytest.mark.parametrize("download, words", [
-    (_fake_download(sizes={"pygments": 65 * 2**20}), "more than the 64 MiB"),
-    (_fake_download(skip="pytest"), "no wheel of pytest arrived"),
-    (_fake_download(suffix="cp311-cp311-manylinux_2_28_x86_64"), "is not a pure-Python wheel"),
+@pytest.mark.parametrize("download, build, words", [
+    (_fake_download(sizes={"pygments": 65 * 2**20}), _fake_build(), "more than the 64 MiB"),
+    (_fake_download(skip="pytest"), _fake_build(), "no wheel of pytest arrived"),
+    (_fake_download(skip="pydantic-core"), _fake_build(), "no wheel of pydantic-core arrived"),
+    (_fake_download(suffix="cp311-cp311-manylinux_2_28_x86_64"), _fake_build(), "is not a pure-Python wheel"),
+    (_fake_download(), _fake_build(compiled=True), "holds compiled files"),
 ])
-def test_wheels_script_refuses_with_one_sentence(tmp_path, capsys, download, words):
-    assert gpu_wheels.main(["--out", str(tmp_path / "w")], download=download) == 2
+def test_wheels_script_refuses_with_one_sentence(tmp_path, capsys, download, build, words):
+    assert gpu_wheels.main(["--out", str(tmp_path / "w")], download=download, build=build) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
 
 
+def test_compiled_wheels_must_be_for_the_gpu_machines_python(tmp_path):
+    good = tmp_path / "pydantic_core-2.50.5-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+    gpu_wheels.check_kinds([good])
+    for name in ("pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl",
+                 "pydantic_core-2.50.5-cp312-cp312-macosx_11_0_arm64.whl"):
+        with pytest.raises(UserError, match="not a CPython 3.12 manylinux x86_64 wheel"):
+            gpu_wheels.check_kinds([tmp_path / name])
+
+
 def test_wheels_script_wants_an_empty_folder(tmp_path, capsys):
     (tmp_path / "old.whl").write_text("x")
-    assert gpu_wheels.main(["--out", str(tmp_path)], download=_fake_download()) == 2
+    assert gpu_wheels.main(["--out", str(tmp_path)], download=_fake_download(), build=_fake_build()) == 2
     assert "is not empty" in capsys.readouterr().err
 
 
@@ -254,15 +285,41 @@ def test_dry_run_of_every_stage_on_the_cpu(tmp_path):
     read = lambda name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]  # noqa: E731
     stages = read("gpu_check.jsonl")
     assert [(s["stage"], s["status"]) for s in stages] == [("tests", "passed"), ("kernel", "passed"),
-                                                           ("train", "passed")]
+                                                           ("train", "passed"), ("determinism", "passed")]
     assert all(s["dry_run"] and "commit" in s and "device" in s for s in stages)
     kernel = {(r["provider"], r["strategy"]): r for r in read("lacy_ce.jsonl")}
     assert kernel[("liger-flce", "plain-ce")]["status"].startswith("not run:")
     assert kernel[("lacy-chunked", "lacy")]["status"] == "ok"
     train = read("train_step.jsonl")
     assert any(r["attention"] == "flash" and r["status"].startswith("not run: flash-attn not installed") for r in train)
+    assert all(r["loop"] == "Trainer" and r["engine"] == "deepspeed" and r["zero_stage"] == 1 for r in train)
     done = {r["strategy"]: r for r in train if r["status"] == "ok"}
     assert set(done) == {"none", "lacy"}
-    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 and "no DeepSpeed" in r["step_kind"]
-               for r in done.values())
-    assert done["lacy"]["selection_bound"] >= done["lacy"]["selected"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 and r["timed_steps"] > 0 for r in done.values())
+    assert done["lacy"]["call_rate"] > 0 == done["none"]["call_rate"]  # the objective the Trainer ran
+    assert "overhead_vs_none" in done["lacy"]
+    determinism = {r["strategy"]: r for r in read("determinism.jsonl")}
+    assert set(determinism) == {"none", "lacy"}
+    assert all(r["identical"] and r["processes"] == 2 and r["impl"] == "triton" for r in determinism.values())
+
+
+def test_synthetic_data_is_a_prepare_output_the_loader_reads(tmp_path):
+    from lacy_fast.data.loader import ShardBatches
+
+    data = gpu_check.synthetic_data(tmp_path / "d", 400, 5000)
+    batches = ShardBatches(str(data), seq_len=32, micro_batch=4, grad_accum=1, world=1, rank=0, seed=0)
+    assert batches.tokenizer.vocab_size == 400
+    batch = batches.batch(0, 0)
+    assert batch.idx.max() < 400 and 0.15 < batch.n_facts / batch.n_valid < 0.35
+    stats = json.loads((data / "stats.json").read_text())
+    assert stats["tokens"] >= 5000 and abs(stats["fact_fraction"] - gpu_check.FACT_SHARE) < 0.02
+
+
+def test_determinism_stage_fails_when_the_two_processes_differ(tmp_path, monkeypatch):
+    """The comparison itself: two runs that print different digests fail the stage."""
+    differing = "import json, os; print(json.dumps({'lacy': {'grad_weight': os.urandom(8).hex()}}))"
+    monkeypatch.setattr(gpu_check, "_DETERMINISM_RUN", differing)
+    args = gpu_check.parse(["--cpu-dry-run", "--results", str(tmp_path)])
+    assert gpu_check.stage_determinism(args) == 1
+    rows = [json.loads(x) for x in (tmp_path / "determinism.jsonl").read_text().splitlines()]
+    assert rows[0]["identical"] is False and rows[0]["differ"] == ["grad_weight"]

@@ -1,7 +1,12 @@
 """Exports that Hugging Face transformers opens as they are: the same logits, the same
 tokens, the same greedy generation as lacy-fast, on the CPU, with no custom code."""
+import importlib.metadata
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +259,50 @@ def test_a_tokenizer_without_dummy_prefix_converts_exactly(tmp_path):
         ids = hf(text)["input_ids"]
         assert ids == context_ids(tok, text), text
         assert hf.decode(ids[1:]) == text
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# From the repository root ('' first on sys.path, as `python -c` and `python -m` put it): the
+# process imports a top-level `kernels` itself and has transformers load the export.
+_LOAD_FROM_ROOT = """
+import sys, torch, kernels
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(torch.tensor([[int(x) for x in sys.argv[2].split(",")]])).logits
+print(kernels.__file__)
+print(repr(logits.double().sum().item()))
+"""
+
+
+def test_an_export_loads_in_transformers_from_the_repository_root(exported, tok):
+    """transformers >= 5.25 imports Hugging Face's `kernels`; the repository's folder
+    `kernels/` must not take its place (it once did: ImportError, CUDAProperties)."""
+    try:
+        installed = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's `kernels` distribution is not installed (constraints.txt installs it)")
+    ids = tok.encode("Anna Tolk was born in Tolmere.")
+    proc = subprocess.run([sys.executable, "-c", _LOAD_FROM_ROOT, str(exported["bias"]), ",".join(map(str, ids))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, total = proc.stdout.split()
+    assert Path(where).resolve() == Path(installed).resolve(), where
+    with torch.no_grad():
+        expected = hf_model(exported["bias"])(torch.tensor([ids])).logits.double().sum().item()
+    assert float(total) == expected
+
+
+def test_the_kernels_folder_never_shadows_a_package_of_that_name(tmp_path):
+    """Any regular package named `kernels` on the path wins over the repository's folder,
+    from the repository's root too, and lacy_fast.kernels still works beside it."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("MARK = 'other'\n")
+    code = ("import kernels, lacy_fast.kernels as k\n"
+            "print(kernels.MARK, callable(k.lacy_linear_cross_entropy), k.lacy_ce.__name__)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["other", "True", "lacy_fast.kernels.lacy_ce"]
