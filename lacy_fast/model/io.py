@@ -16,8 +16,7 @@ An export is a directory::
                              the same tokenizer for transformers (``data/hf_tokenizer.py``)
     train_config.json        the full training config (optional)
     manifest.json            size and sha256 of every file above, written last
-                             (``fileio.write_manifest``); "manifest" in lacy-fast's fields says one
-                             was written, so a deleted manifest is noticed too
+                             (``fileio.write_manifest``)
 
 One format serves both: lacy-fast maps GPT-2's weight names and layout back to its own on
 load (a transpose per matrix, nothing measurable next to reading the file). Exports of
@@ -27,7 +26,9 @@ cannot open them.
 It is written atomically (a temporary directory renamed into place), so a reader never
 sees a half-written export. ``load_export`` (what `generate`, `eval` and rho's reference
 read) checks every file against the manifest first: a flipped bit, a truncated or missing
-file is one sentence naming it. Exports written before manifests existed load unchecked.
+file is one sentence naming it. An export without a manifest (written before manifests
+existed, or re-saved by transformers' ``save_pretrained``) loads unchecked; a training run
+rewrites its own OUT/export when the manifest is gone (``train/checkpoint.py``).
 """
 from __future__ import annotations
 
@@ -73,7 +74,6 @@ def save_export(
         "tokenizer_sha256": tokenizer_sha256,
         "call_id": call_id,
         "params": model.num_params(),
-        "manifest": MANIFEST,
         **(extra or {}),
     }
     eos_id, tokenizer_files = None, {}
@@ -154,7 +154,7 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
     """The model of an export (in eval mode) and lacy-fast's fields of its config.json."""
     path = Path(path)
     meta = read_export_meta(path)
-    problem = export_integrity(path, meta)
+    problem = export_integrity(path)
     if problem is not None:
         raise UserError(f"model export {path} is damaged: {problem}; rerun the `lacy-fast train` command of its run, "
                         "which rewrites OUT/export from the newest checkpoint, or export it again")
@@ -184,11 +184,11 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
     return model.eval(), meta
 
 
-def export_integrity(path: str | Path, meta: dict[str, Any]) -> str | None:
-    """None when every file of export ``path`` matches its manifest (or it predates manifests);
-    else what is wrong, naming the file."""
+def export_integrity(path: str | Path, required: bool = False) -> str | None:
+    """None when every file of export ``path`` matches its manifest (or it has none and
+    ``required`` is false); else what is wrong, naming the file."""
     path = Path(path)
-    if (path / MANIFEST).is_file() or meta.get("manifest"):
+    if required or (path / MANIFEST).is_file():
         return manifest_problem(path)
     return None
 

@@ -277,5 +277,5 @@ def export_problem(export_dir: Path, step: int) -> str | None:
         return f"cannot be read ({err})"
     if meta.get("step") != step:
         return f"holds step {meta.get('step')}, not the checkpoint's step {step}"
-    problem = export_integrity(export_dir, meta)
+    problem = export_integrity(export_dir, required=True)  # a run's own export always has a manifest
     return None if problem is None else f"is damaged: {problem}"
