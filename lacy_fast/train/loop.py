@@ -19,7 +19,8 @@ token budget is spent, calling ``log`` every ``log_every`` steps and ``save`` ev
   whose loss or gradient norm stopped being finite.
 - ``save``: writes pending metric rows first (so a kill -9 after a checkpoint loses none),
   refuses to save non-finite weights (the guard, then the weights themselves), then writes
-  the checkpoint and the export.
+  the checkpoint and the export, and only then advances ``checkpoints/latest``
+  (``checkpoint.py``: checksums, verification on resume, repair of the export).
 
 Per step, on the host and without touching the device: the batch's ground-truth-gradient
 token count (selection sizes are a function of the flags alone, ``lacy_fast.method``) and
@@ -39,7 +40,8 @@ checkpoint and ``OUT/export`` stay finite, and the fix is one command: rerun wit
 compute up to ``log_every - 1`` steps past the bad one before it notices; those are never
 saved.
 
-Rerunning the same command on the same ``out_dir`` resumes from the newest checkpoint:
+Rerunning the same command on the same ``out_dir`` resumes from the newest checkpoint that
+verifies (``--fresh`` starts over instead):
 model, optimizer, scheduler, RNG and data position (a pure function of the step). The
 method itself is docs/method.md.
 """
@@ -67,6 +69,7 @@ from lacy_fast.kernels import selection_bound
 from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selected_count, selection_fraction
 from lacy_fast.progress import Progress, human
 from lacy_fast.train.metrics import MetricsWriter, mfu, peak_memory_bytes, peak_tflops
+from lacy_fast.train.memory import check_fits
 
 # ----------------------------------------------------------------------------------------
 # Distributed setup
@@ -432,8 +435,6 @@ class Trainer:
                          self.ckpt.dir / self.resume_tag, self.out)
 
         torch.manual_seed(t.seed)
-        from lacy_fast.train.memory import check_fits
-
         check_fits(self.model_cfg, cfg.zero_stage, d.world, d.device)
         self.model = GPT(self.model_cfg)
         self.module = LacyLM(self.model, o, tok.call_id)
