@@ -53,12 +53,12 @@ class Config:
     # -- helpers for check() ------------------------------------------------------------
     def _positive(self, *names: str) -> None:
         for name in names:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # written so that NaN fails too
                 raise ConfigError(name, f"is {getattr(self, name)!r}; it must be > 0")
 
     def _non_negative(self, *names: str) -> None:
         for name in names:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # written so that NaN fails too
                 raise ConfigError(name, f"is {getattr(self, name)!r}; it must be >= 0")
 
     def _fraction(self, *names: str) -> None:

@@ -18,6 +18,7 @@ from lacy_fast.cascade.slm import context_ids
 from lacy_fast.config import CascadeConfig, ModelConfig, TokenizerConfig, to_dict
 from lacy_fast.data.synth import generate
 from lacy_fast.data.tokenizer import Tokenizer
+from lacy_fast.fileio import write_manifest
 from lacy_fast.errors import UserError
 from lacy_fast.model import GPT
 from lacy_fast.model.io import load_export, read_export_meta
@@ -208,11 +209,13 @@ def test_damaged_exports_are_refused_in_one_sentence(exported, tmp_path, capsys)
     state = load_file(str(biased / "model.safetensors"))
     state["transformer.h.0.mlp.c_fc.bias"] += 1
     save_file(state, str(biased / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(biased)  # consistent checksums: the check of the weights themselves speaks
     cases[biased] = "non-zero biases"
     short = tmp_path / "short"
     shutil.copytree(exported["bias"], short)
     del state["transformer.h.1.attn.c_proj.weight"]
     save_file(state, str(short / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(short)
     cases[short] = "lacks transformer.h.1.attn.c_proj.weight"
     for path, message in cases.items():
         with pytest.raises(UserError, match=message):

@@ -328,6 +328,9 @@ def test_rho_trains_against_a_reference_model(data, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["lacy_fast"]["tokenizer_sha256"] = "0" * 64  # lacy-fast's fields of the export's config.json
     (other / "config.json").write_text(json.dumps(config))
+    from lacy_fast.fileio import write_manifest
+
+    write_manifest(other)  # consistent checksums: the tokenizer check itself speaks
     proc = train(tmp_path / "rho2", data, "train.max_steps=1", "objective.strategy=rho",
                  f"objective.ref_checkpoint={other}", check=False)
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr

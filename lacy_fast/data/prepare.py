@@ -5,9 +5,12 @@
     lacy-fast prepare --show data/wiki --docs 5      # decoded documents, fact tokens as [[...]]
     lacy-fast prepare --input synth/corpus.jsonl --out data/s --judge oracle:synth/facts.jsonl
 
-Steps: resolve the inputs; record the settings in ``OUT/prepare.json``; train the
-SentencePiece tokenizer on a seeded sample of the documents (or copy the given one) to
-``OUT/tokenizer.model``; stream the documents in shards of ``shard_docs`` to K worker
+Steps: resolve the inputs; lock ``OUT`` (``lacy_fast/lock.py``: a second prepare of the same
+folder is refused until the first ends); check the settings against ``OUT/prepare.json``;
+train the SentencePiece tokenizer on a seeded sample of the documents (or copy the given
+one) to ``OUT/tokenizer.model``; only then record the settings in ``OUT/prepare.json`` (a
+tokenizer that failed to train commits nothing, so a rerun with other settings is
+accepted; a tokenizer.model without prepare.json is a leftover and is trained again); stream the documents in shards of ``shard_docs`` to K worker
 processes, each tokenizing + labeling a whole shard and writing it atomically; then the
 judge step (``judge.py``: flag bit 1 from ``--judge``, a step of its own); finally write
 ``OUT/stats.json``. The directory layout and the shard format are in ``shards.py``.
@@ -43,7 +46,8 @@ from lacy_fast.data import shards as shard_io
 from lacy_fast.data.workers import ShardPool, die_with_parent, exit_if_orphaned
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
 from lacy_fast.errors import ConfigError, UserError
-from lacy_fast.fileio import write_bytes, write_json
+from lacy_fast.fileio import disk_full_is_user_error, write_bytes, write_json
+from lacy_fast.lock import DirLock
 from lacy_fast.progress import Progress
 
 SETTINGS_FILE = "prepare.json"
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         shard_io.show(args.show, args.docs)
         return 0
     cfg = config_from_args(args)
-    stats = prepare(cfg, progress=not args.quiet)
+    with disk_full_is_user_error(cfg.out):
+        stats = prepare(cfg, progress=not args.quiet)
     print(f"prepared {stats['documents']} documents, {stats['tokens']} tokens ({stats['fact_fraction']:.1%} facts) "
           f"in {stats['shards']} shards at {cfg.out} in {stats['seconds']:.1f} s")
     if stats["judge"] != "none":
@@ -125,8 +130,6 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``prepare`` with ``cfg``; returns what it writes to ``stats.json``."""
-    from lacy_fast.data.tokenizer import Tokenizer
-
     start = time.perf_counter()
     files = resolve_inputs(cfg.inputs)
     if cfg.judge.spec != "none":  # a judge that cannot run is refused before any labeling
@@ -136,26 +139,17 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(cfg, files)
-    _check_settings(out, settings)
+    with DirLock(out, "prepare run"):  # creates out; nothing reads or writes it before the lock is held
+        return _prepare_locked(cfg, files, out, start, progress)
 
+
+def _prepare_locked(cfg: PrepareConfig, files: list[Path], out: Path, start: float, progress: bool) -> dict[str, Any]:
+    settings = _settings(cfg, files)
+    committed = _check_settings(out, settings)
+    tok, n_docs = _tokenizer(cfg, out, committed, progress)
+    if not committed:  # the tokenizer exists: the settings are those of this folder from now on
+        write_json(out / SETTINGS_FILE, settings)
     tok_path = out / "tokenizer.model"
-    n_docs: int
-    if cfg.tokenizer.path:
-        given = Tokenizer.load(cfg.tokenizer.path)
-        if not tok_path.exists() or shard_io.file_sha256(tok_path) != given.sha256:
-            write_bytes(tok_path, given.path.read_bytes())
-        tok, n_docs = Tokenizer.load(tok_path), _count(cfg)
-    elif tok_path.exists():  # resuming: the settings match, so this is the one trained for them
-        tok, n_docs = Tokenizer.load(tok_path), _count(cfg)
-    else:
-        sample, n_docs = _sample(cfg)
-        if progress:
-            print(f"training a {cfg.tokenizer.model_type} tokenizer of {cfg.tokenizer.vocab_size} pieces on "
-                  f"{len(sample)} documents", flush=True)
-        tok = Tokenizer.train(sample, cfg.tokenizer, tok_path)
-        del sample
 
     skips = SkipReport(cfg.reader.error_log)
     bar = Progress("prepare", total=n_docs, unit="docs", enabled=progress)
@@ -240,8 +234,31 @@ def _settings(cfg: PrepareConfig, files: list[Path]) -> dict[str, Any]:
     }
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+def _tokenizer(cfg: PrepareConfig, out: Path, committed: bool, progress: bool):
+    """(the tokenizer at OUT/tokenizer.model, the document count): the given one copied there,
+    the one a run of these settings trained (``committed``), or one trained now."""
+    from lacy_fast.data.tokenizer import Tokenizer
+
+    tok_path = out / "tokenizer.model"
+    if cfg.tokenizer.path:
+        given = Tokenizer.load(cfg.tokenizer.path)
+        if not tok_path.exists() or shard_io.file_sha256(tok_path) != given.sha256:
+            write_bytes(tok_path, given.path.read_bytes())
+        return Tokenizer.load(tok_path), _count(cfg)
+    if committed and tok_path.exists():  # resuming: the settings match, so this is the one trained for them
+        return Tokenizer.load(tok_path), _count(cfg)
+    sample, n_docs = _sample(cfg)
+    if progress:
+        print(f"training a {cfg.tokenizer.model_type} tokenizer of {cfg.tokenizer.vocab_size} pieces on "
+              f"{len(sample)} documents", flush=True)
+    return Tokenizer.train(sample, cfg.tokenizer, tok_path), n_docs
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``out`` holds these settings already (False: none yet); other settings are refused."""
     path = out / SETTINGS_FILE
+    if path.exists() and not (out / "tokenizer.model").exists() and not shard_io.shard_paths(out):
+        return False  # nothing was made under those settings (a tokenizer that failed to train): not binding
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -251,8 +268,8 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
             what = next((k for k in settings if old is None or old.get(k) != settings[k]), "format")
             raise UserError(f"{out} was prepared with other settings ({what} differs); use another --out, or delete "
                             f"{out} to start over")
-    else:
-        write_json(path, settings)
+        return True
+    return False
 
 
 def _count(cfg: PrepareConfig) -> int:

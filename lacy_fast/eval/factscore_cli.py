@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lacy_fast.errors import UserError
-from lacy_fast.fileio import jsonl_string_pairs, write_json
+from lacy_fast.fileio import check_writable, jsonl_string_pairs, utf8_problem, write_json
 from lacy_fast.progress import Progress
 
 GEN_HINT = 'JSONL with one {"title": ..., "generation": ...} per line'
@@ -73,8 +73,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--passages is {args.passages}; retrieve at least 1 passage per fact")
     if args.out is not None and args.out.is_dir():
         raise UserError(f"--out {args.out} is a directory; pass a file name")
-    result = score_file(args.knowledge, args.generations, args.judge, args.passages, args.device, not args.quiet)
     if args.out is not None:
-        write_json(args.out, result)
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+        check_writable(args.out, "--out")  # before the work, not after it
+    try:
+        result = score_file(args.knowledge, args.generations, args.judge, args.passages, args.device, not args.quiet)
+    except UnicodeDecodeError:
+        problem = args.knowledge.is_file() and utf8_problem(args.knowledge, "knowledge source")
+        if problem:
+            raise UserError(problem)
+        raise
+    # Printed first: should --out fail after all (the disk filled meanwhile), the scores are on stdout.
+    print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
+    if args.out is not None:
+        try:
+            write_json(args.out, result)
+        except OSError as err:
+            raise UserError(f"--out {args.out} could not be written ({err.strerror}); the result is printed above")
     return 0

@@ -30,13 +30,15 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a training run's out_dir (it holds metrics.jsonl)")
     rows = []
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()
     for n, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if n < len(lines):  # only a torn last line (a kill mid-write) is tolerated
-                raise UserError(f"{path}:{n} is not valid JSON; the metrics file is damaged")
+                what = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "valid JSON"
+                raise UserError(f"{path}:{n} is not {what}; the metrics file is damaged (delete that line to plot "
+                                "the others)")
     if not rows:
         raise UserError(f"{path} holds no steps yet; plot it after the run has logged")
     return rows

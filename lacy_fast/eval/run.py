@@ -65,7 +65,7 @@ from lacy_fast.eval.heldout import call_stats, perplexity, score_texts
 from lacy_fast.eval.leakage import leakage
 from lacy_fast.eval.plots import plot_sweep
 from lacy_fast.eval.report import format_report
-from lacy_fast.fileio import write_json
+from lacy_fast.fileio import check_writable, write_json
 from lacy_fast.progress import Progress
 
 SlmLike = ExportedModel | str | Path
@@ -253,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--{err.key.replace('_', '-')} {err.detail}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; pass a directory")
+    if args.out is not None:
+        check_writable(args.out, "--out")  # before the work, not after it
     device = resolve_device(args.device)
     if args.knowledge is not None:
         return _run_knowledge(args, cfg, device)

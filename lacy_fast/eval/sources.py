@@ -29,19 +29,22 @@ is not reported for real text.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from lacy_fast.data.facts import FactTable
 from lacy_fast.errors import UserError
-from lacy_fast.eval.claims import extract_claims
+from lacy_fast.eval.claims import Claim, extract_claims
 from lacy_fast.eval.factscore import prompt_for, score_generation
 from lacy_fast.eval.knowledge import KB_HINT, KnowledgeBase
 from lacy_fast.progress import Progress
+
+CHUNK_CHARS = 100_000  # characters of a generation spaCy parses at once (its limit is 1,000,000)
 
 
 @dataclass
@@ -99,9 +102,8 @@ class KnowledgeSource:
               progress: Progress | None = None) -> list[Item]:
         titles = [self.kb.resolve(t, where[i] if where else "") for i, (t, _) in enumerate(pairs)]
         items = []
-        for title, (_, text), doc in zip(titles, pairs, self.nlp.pipe([g for _, g in pairs])):
+        for title, (_, text), claims in zip(titles, pairs, self._claims([g for _, g in pairs], titles)):
             t0 = time.perf_counter()
-            claims = extract_claims(doc, title)
             passages = [self.kb.retrieve(title, f"{title} {c.sentence}", self.k) for c in claims]
             verdicts = self.judge.judge(title, claims, passages)
             facts = [{**c.to_dict(), "supported": bool(v), "passages": [p.index for p in ps]}
@@ -110,6 +112,35 @@ class KnowledgeSource:
             if progress is not None:
                 progress.update(1, facts=len(facts))
         return items
+
+
+    def _claims(self, texts: list[str], titles: list[str]) -> Iterator[list[Claim]]:
+        """The claims of each text, parsed in pieces of at most CHUNK_CHARS characters: spaCy
+        refuses longer texts (E088) because its parser needs about 1 GB per 100,000."""
+        pieces = [(i, offset, piece) for i, text in enumerate(texts) for offset, piece in text_pieces(text)]
+        docs = self.nlp.pipe(piece for _, _, piece in pieces)
+        current, claims = 0, {}
+        for (i, offset, _), doc in zip(pieces, docs):
+            while current < i:
+                yield list(claims.values())
+                current, claims = current + 1, {}
+            for c in extract_claims(doc, titles[i]):
+                claims.setdefault(c.key, dataclasses.replace(c, start=c.start + offset, end=c.end + offset))
+        yield list(claims.values())
+
+
+def text_pieces(text: str, size: int = 0) -> list[tuple[int, str]]:
+    """(offset, piece) of ``text`` cut after a line or sentence end, no piece longer than ``size``."""
+    size = size or CHUNK_CHARS
+    pieces, start = [], 0
+    while len(text) - start > size:
+        window = text[start:start + size]
+        cut = max(window.rfind("\n"), window.rfind(". ") + 1)
+        cut = start + (cut if cut > 0 else size)
+        pieces.append((start, text[start:cut]))
+        start = cut
+    pieces.append((start, text[start:]))
+    return pieces
 
 
 class SyntheticSource:
@@ -170,7 +201,7 @@ def summarize(items: list[Item]) -> dict[str, Any]:
 def _first_row(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"knowledge source {path} does not exist; pass {KB_HINT} or facts.jsonl of `lacy-fast synth`")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:

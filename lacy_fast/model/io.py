@@ -15,6 +15,8 @@ An export is a directory::
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
                              the same tokenizer for transformers (``data/hf_tokenizer.py``)
     train_config.json        the full training config (optional)
+    manifest.json            size and sha256 of every file above, written last
+                             (``fileio.write_manifest``)
 
 One format serves both: lacy-fast maps GPT-2's weight names and layout back to its own on
 load (a transpose per matrix, nothing measurable next to reading the file). Exports of
@@ -22,7 +24,11 @@ version 1 (lacy-fast's own layout, before this format) still load in lacy-fast; 
 cannot open them.
 
 It is written atomically (a temporary directory renamed into place), so a reader never
-sees a half-written export.
+sees a half-written export. ``load_export`` (what `generate`, `eval` and rho's reference
+read) checks every file against the manifest first: a flipped bit, a truncated or missing
+file is one sentence naming it. An export without a manifest (written before manifests
+existed, or re-saved by transformers' ``save_pretrained``) loads unchecked; a training run
+rewrites its own OUT/export when the manifest is gone (``train/checkpoint.py``).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lacy_fast.config import ModelConfig, from_dict, to_dict
 from lacy_fast.errors import ConfigError, UserError
-from lacy_fast.fileio import atomic_path
+from lacy_fast.fileio import MANIFEST, atomic_path, manifest_problem, write_manifest
 from lacy_fast.model.gpt import GPT
 from lacy_fast.model.hf import from_gpt2, gpt2_config, to_gpt2
 
@@ -99,6 +105,7 @@ def save_export(
             (tmp / name).write_text(text, encoding="utf-8")
         if train_config is not None:
             (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
+        write_manifest(tmp)
     return path
 
 
@@ -130,8 +137,9 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{config} is not valid JSON ({err.msg}); the export is damaged, export it again")
     meta = export_meta(raw) if isinstance(raw, dict) else None
     if meta is None and isinstance(raw, dict) and ("out_dir" in raw or (path / "checkpoints").is_dir()):
-        raise UserError(f"{path} is a training run that has no export yet (OUT/export is written with each "
-                        "checkpoint); let it train until it saves one, or pass another run")
+        raise UserError(f"{path} is a training run without an export (OUT/export is written with each checkpoint); "
+                        "rerun its `lacy-fast train` command, which writes the export from its newest checkpoint (or "
+                        "trains until it saves one), or pass another run")
     if meta is None:
         raise UserError(f"{path} is not a lacy-fast model export (its config.json has no lacy-fast fields); pass "
                         "OUT/export of a run")
@@ -146,6 +154,10 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
     """The model of an export (in eval mode) and lacy-fast's fields of its config.json."""
     path = Path(path)
     meta = read_export_meta(path)
+    problem = export_integrity(path)
+    if problem is not None:
+        raise UserError(f"model export {path} is damaged: {problem}; rerun the `lacy-fast train` command of its run, "
+                        "which rewrites OUT/export from the newest checkpoint, or export it again")
     try:
         cfg = from_dict(ModelConfig, meta["model"])
     except (ConfigError, KeyError, TypeError) as err:
@@ -170,6 +182,15 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), meta
+
+
+def export_integrity(path: str | Path, required: bool = False) -> str | None:
+    """None when every file of export ``path`` matches its manifest (or it has none and
+    ``required`` is false); else what is wrong, naming the file."""
+    path = Path(path)
+    if required or (path / MANIFEST).is_file():
+        return manifest_problem(path)
+    return None
 
 
 def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:

@@ -19,7 +19,8 @@ token budget is spent, calling ``log`` every ``log_every`` steps and ``save`` ev
   whose loss or gradient norm stopped being finite.
 - ``save``: writes pending metric rows first (so a kill -9 after a checkpoint loses none),
   refuses to save non-finite weights (the guard, then the weights themselves), then writes
-  the checkpoint and the export.
+  the checkpoint and the export, and only then advances ``checkpoints/latest``
+  (``checkpoint.py``: checksums, verification on resume, repair of the export).
 
 Per step, on the host and without touching the device: the batch's ground-truth-gradient
 token count (selection sizes are a function of the flags alone, ``lacy_fast.method``) and
@@ -39,7 +40,8 @@ checkpoint and ``OUT/export`` stay finite, and the fix is one command: rerun wit
 compute up to ``log_every - 1`` steps past the bad one before it notices; those are never
 saved.
 
-Rerunning the same command on the same ``out_dir`` resumes from the newest checkpoint:
+Rerunning the same command on the same ``out_dir`` resumes from the newest checkpoint that
+verifies (``--fresh`` starts over instead):
 model, optimizer, scheduler, RNG and data position (a pure function of the step). The
 method itself is docs/method.md.
 """
@@ -67,6 +69,7 @@ from lacy_fast.kernels import selection_bound
 from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selected_count, selection_fraction
 from lacy_fast.progress import Progress, human
 from lacy_fast.train.metrics import MetricsWriter, mfu, peak_memory_bytes, peak_tflops
+from lacy_fast.train.memory import check_fits
 from lacy_fast.train.probes import Probe, SelectionTracker
 
 # ----------------------------------------------------------------------------------------
@@ -356,13 +359,14 @@ def _lr_warning_filter(record) -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) ``cfg``; returns a summary (final step, tokens, last metrics)."""
+def train(cfg: RunConfig, *, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    """Train (or resume) ``cfg``; returns a summary (final step, tokens, last metrics).
+    ``fresh``: delete an earlier run's checkpoints, export and metrics in out_dir first."""
     _select_accelerator()
     _quiet_deepspeed()
     d = setup_distributed()
     try:
-        trainer = Trainer(cfg, d, progress=progress)
+        trainer = Trainer(cfg, d, progress=progress, fresh=fresh)
         try:
             return trainer.run()
         finally:
@@ -374,8 +378,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 class Trainer:
     """One training run on this rank (see the module doc): build, then ``run``."""
 
-    def __init__(self, cfg: RunConfig, d: Dist, *, progress: bool = True):
-        self.cfg, self.d, self.progress = cfg, d, progress
+    def __init__(self, cfg: RunConfig, d: Dist, *, progress: bool = True, fresh: bool = False):
+        self.cfg, self.d, self.progress, self.fresh = cfg, d, progress, fresh
         self.out = Path(cfg.out_dir)
         self.lock = None
         self.batches = None
@@ -429,12 +433,13 @@ class Trainer:
         # Nothing reads or writes out_dir before the lock is held.
         self._lock_out_dir()
         self.ckpt = Checkpointer(self.out, t.keep_last, d.rank)
-        self.resume_tag = self.ckpt.latest()
+        self.resume_tag = self.ckpt.resume_tag(self.d.control)  # verified, or an older one that verifies
         if self.resume_tag is not None:
             check_resume(self.ckpt.meta(self.resume_tag).get("identity"), self.identity,
                          self.ckpt.dir / self.resume_tag, self.out)
 
         torch.manual_seed(t.seed)
+        check_fits(self.model_cfg, cfg.zero_stage, d.world, d.device)
         self.model = GPT(self.model_cfg)
         self.module = LacyLM(self.model, o, tok.call_id)
         if cfg.zero_stage == 3:  # the loss reads the tied head outside the embedding's forward
@@ -516,6 +521,12 @@ class Trainer:
             try:
                 lock.acquire()
                 self.lock = lock
+                if self.fresh:
+                    from lacy_fast.train.checkpoint import start_over
+
+                    deleted = start_over(self.out)
+                    print(f"--fresh: deleted the earlier run's {', '.join(deleted)} in {self.out}" if deleted else
+                          f"--fresh: {self.out} holds no earlier run", file=sys.stderr)
             except UserError as err:
                 error = err
         if _reduce_host([int(error is not None)], self.d)[0]:
@@ -549,6 +560,23 @@ class Trainer:
         sched.step(sched.last_batch_iteration)
         if self.d.is_main:
             print(f"resuming {self.out} from step {self.step_no}", file=sys.stderr)
+        self._repair_export()
+
+    def _repair_export(self) -> None:
+        """Make OUT/export the export of the checkpoint just resumed (a kill or a full disk
+        while a save wrote it leaves none, an older one or a damaged one), saying so."""
+        from lacy_fast.train.checkpoint import clean_export_leftovers, export_problem
+
+        problem = None
+        if self.d.is_main:
+            clean_export_leftovers(self.out)
+            problem = export_problem(self.out / "export", self.step_no)
+        if not _reduce_host([int(problem is not None)], self.d)[0]:
+            return
+        state = self._gather_weights()
+        if self.d.is_main:
+            self._write_export(state)
+            print(f"{self.out / 'export'} {problem}; rewrote it from checkpoint step {self.step_no}", file=sys.stderr)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -690,7 +718,7 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint and export the current step, never a non-finite one."""
-        from lacy_fast.model.io import first_non_finite, save_export
+        from lacy_fast.model.io import first_non_finite
 
         self.log()  # rows first: a kill after the checkpoint loses none of them
         bad = self.guard.first_bad(self.d)
@@ -700,19 +728,26 @@ class Trainer:
         broken = first_non_finite(state) if self.d.is_main else None
         if _reduce_host([int(broken is not None)], self.d)[0]:
             raise self._diverged(self.step_no, what=f"the weights ({broken or 'on rank 0'})")
+        # The export is written once the checkpoint is complete and before `latest` names it:
+        # it is never older than `latest` (a resume repairs one a kill left behind).
         self.ckpt.save(self.engine, self.step_no, {"identity": self.identity, "gt_tokens": self.gt_tokens,
-                                                   "world_size": self.d.world}, self.data_state)
-        if self.d.is_main:
-            save_export(self.out / "export", self.model, tokenizer_path=self.tokenizer.path,
-                        tokenizer_sha256=self.tokenizer.sha256, call_id=self.tokenizer.call_id,
-                        train_config=to_dict(self.run_cfg),
-                        extra={"step": self.step_no, "gt_tokens": self.gt_tokens, "strategy": self.objective.strategy},
-                        state_dict=state)
+                                                   "world_size": self.d.world}, self.data_state,
+                       before_latest=lambda: self._write_export(state))
         import torch.distributed as dist
 
         dist.barrier()
         self.last_saved = self.step_no
         self.interval_start = time.perf_counter()  # throughput counts training, not saving
+
+    def _write_export(self, state: dict[str, torch.Tensor]) -> None:
+        """OUT/export of the current step from the gathered weights (rank 0)."""
+        from lacy_fast.model.io import save_export
+
+        save_export(self.out / "export", self.model, tokenizer_path=self.tokenizer.path,
+                    tokenizer_sha256=self.tokenizer.sha256, call_id=self.tokenizer.call_id,
+                    train_config=to_dict(self.run_cfg),
+                    extra={"step": self.step_no, "gt_tokens": self.gt_tokens, "strategy": self.objective.strategy},
+                    state_dict=state)
 
     def _gather_weights(self) -> dict[str, torch.Tensor] | None:
         """The model's full state dict on rank 0 (gathered from ZeRO-3 shards), None elsewhere."""
@@ -813,14 +848,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", action="store_true", help="list every config key with its default and meaning "
                         "(with a config and data.path: also what objective.call_rate resolves to)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--fresh", action="store_true", help="start over: delete the checkpoints, export and metrics "
+                        "an earlier run left in out_dir (without it, a rerun resumes)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.explain:
         _explain(args)
         return 0
+    from lacy_fast.fileio import disk_full_is_user_error
+
     cfg = load_config(RunConfig, args.config, args.overrides)
-    train(cfg, progress=not args.quiet)
+    with disk_full_is_user_error(cfg.out_dir):
+        train(cfg, progress=not args.quiet, fresh=args.fresh)
     return 0
 
 
