@@ -171,7 +171,7 @@ def timed_steps(preset: str, strategy: str, attention: str, *, seq_len: int, mic
 
     torch.manual_seed(0)
     call_id = vocab - 1
-    model = GPT(ModelConfig(preset=preset, vocab_size=vocab, attention=attention)).to(device)
+    model = GPT(ModelConfig(shape=preset, vocab_size=vocab, attention=attention)).to(device)
     bf16 = precision == "bf16"
     params = [p for p in model.parameters() if p.requires_grad]
     if bf16:

@@ -84,7 +84,7 @@ class Scale:
     vocab: int  # SentencePiece vocabulary, <CALL> included
     seq_len: int
     micro_batch: int
-    slm: str  # model presets
+    slm: str  # model shapes (model.shape)
     slm_lr: float
     slm_epochs: float  # ground-truth-token budget of every SLM, in passes over the corpus
     ref: str
@@ -184,10 +184,10 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
                 f"train.warmup_steps={max(1, tokens // per_step // 20)}"]
 
     ref_dir = out / "runs" / "reference"
-    stages.begin(f"train the reference, a bigger model on the same data ({scale.ref} preset, plain LM, "
+    stages.begin(f"train the reference, a bigger model on the same data ({scale.ref} shape, plain LM, "
                  f"{human(scale.ref_epochs * stats['tokens'])} tokens)")
     _finished(train(load_config(RunConfig, "tiny", common + budget(scale.ref_epochs) + [
-        f"out_dir={ref_dir}", f"model.preset={scale.ref}", "objective.strategy=none", f"train.lr={scale.ref_lr}"]),
+        f"out_dir={ref_dir}", f"model.shape={scale.ref}", "objective.strategy=none", f"train.lr={scale.ref_lr}"]),
         progress=not quiet), ref_dir)
     stages.end()
 
@@ -196,11 +196,11 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
         for name in strategies:
             run = out / "runs" / (name if seeds == 1 else f"{name}-seed{seed}")
             runs[(name, seed)] = run
-            stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} preset, "
+            stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} shape, "
                          f"{human(scale.slm_epochs * stats['tokens'])} ground-truth tokens)")
             extra = [f"objective.ref_checkpoint={ref_dir / 'export'}"] if name == "rho" else []
             _finished(train(load_config(RunConfig, "tiny", common + budget(scale.slm_epochs) + RUNS[name] + extra + [
-                f"out_dir={run}", f"model.preset={scale.slm}", f"train.lr={scale.slm_lr}",
+                f"out_dir={run}", f"model.shape={scale.slm}", f"train.lr={scale.slm_lr}",
                 f"train.seed={1337 + seed}", f"data.seed={1234 + seed}"]), progress=not quiet), run)
             stages.end()
 
@@ -395,9 +395,9 @@ def _report(rows: list[dict[str, Any]], curves: dict[str, list[dict]], table: st
         f"Built-in corpus in the paper's regime: {regime['people']} fictional people, {regime['frequent']} of them "
         f"*frequent* ({regime['frequent_documents']} of the {regime['documents']} biographies), the others *rare* "
         f"(one biography each); {stats['tokens']} tokens, {stats['fact_fraction']:.1%} of them fact tokens (spaCy "
-        f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` preset, each trained on "
+        f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` shape, each trained on "
         f"{scale.slm_epochs:g} passes' worth of ground-truth-gradient tokens ({seeds} seed{'s' if seeds > 1 else ''} "
-        f"per strategy). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` preset, a bigger model trained "
+        f"per strategy). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` shape, a bigger model trained "
         f"as a plain LM on the same data ({scale.ref_epochs:g} passes). The model the SLMs call is the fact table "
         "(`oracle:facts.jsonl`): it knows every fact and answers a call made right before a value with the whole "
         "value, and declines elsewhere. Evaluated on "

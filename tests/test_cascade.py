@@ -30,7 +30,7 @@ def tiny_gpt(tok, seed=0, d_model=32, n_layer=1, max_seq_len=128, call_scale=30.
     """A random GPT whose <CALL> logit varies more than the others, so <CALL> is the argmax at
     roughly a third of positions: every rule sees both outcomes."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(preset="tiny", n_layer=n_layer, n_head=2, d_model=d_model, max_seq_len=max_seq_len,
+    model = GPT(ModelConfig(shape="tiny", n_layer=n_layer, n_head=2, d_model=d_model, max_seq_len=max_seq_len,
                             vocab_size=tok.vocab_size))
     with torch.no_grad():
         model.wte.weight[tok.call_id] *= call_scale

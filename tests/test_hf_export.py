@@ -57,7 +57,7 @@ def shaken(model):
 
 def bias_free_gpt(tok):
     torch.manual_seed(1)
-    model = GPT(ModelConfig(preset="tiny", n_layer=2, n_head=2, d_model=32, max_seq_len=64, vocab_size=tok.vocab_size,
+    model = GPT(ModelConfig(shape="tiny", n_layer=2, n_head=2, d_model=32, max_seq_len=64, vocab_size=tok.vocab_size,
                             bias=False))
     return shaken(model).eval()
 

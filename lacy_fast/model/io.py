@@ -147,7 +147,10 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
     path = Path(path)
     meta = read_export_meta(path)
     try:
-        cfg = from_dict(ModelConfig, meta["model"])
+        model_fields = dict(meta["model"])
+        if "preset" in model_fields:  # exports written before model.preset was renamed model.shape
+            model_fields["shape"] = model_fields.pop("preset")
+        cfg = from_dict(ModelConfig, model_fields)
     except (ConfigError, KeyError, TypeError) as err:
         raise UserError(f"{path}/config.json has a bad model config ({err}); the export is damaged")
     model = GPT(cfg)

@@ -9,7 +9,7 @@ The rule is by exclusion, so that a new config field is safe by default: every l
 ``RunConfig`` is part of the identity unless ``MAY_CHANGE`` lists it, with the reason. Some
 keys are compared through what they resolve to, not as written:
 
-- ``model.*``: the resolved shape (a preset name and the same shape spelled out match);
+- ``model.*``: the resolved shape (a shape name and the same shape spelled out match);
   ``model.vocab_size`` is the tokenizer's.
 - ``train.precision``: the precision the run resolved (``auto`` is bf16 or fp32).
 - ``data.path``: for prepared shards, the data's content (a digest of its ``prepare.json``
@@ -56,7 +56,11 @@ MAY_CHANGE: dict[str, str] = {
     "train.compile": "speed: the compiled model computes the same function",
     "train.profile_start": "profiling",
     "train.profile_steps": "profiling",
-    "model.preset": "compared through the resolved shape (model.n_layer, ...)",
+    "model.shape": "compared through the resolved shape (model.n_layer, ...)",
+    "train.tensorboard": "logging",
+    "train.wandb": "logging",
+    "train.wandb_project": "logging",
+    "train.init_from": "only the weights a new run starts from; a resumed run loads its checkpoint's",
     "model.attention": "speed: flash-attn and SDPA compute the same attention",
     "objective.impl": "speed: every implementation computes the same loss",
     "data.workers": "speed: prefetch worker processes",
