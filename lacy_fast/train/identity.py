@@ -142,13 +142,24 @@ def run_identity(cfg: RunConfig, *, model: ModelConfig, precision: str, call_rat
     return json.loads(json.dumps(identity))  # tuples as lists, as they come back from lacy.json
 
 
-def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Path, out_dir: Path) -> None:
-    """Refuse to resume ``checkpoint`` when a setting of its identity differs, naming the key."""
+# Keys compared through a digest of what a path holds: a refusal names the paths instead.
+_BY_CONTENT = {"data.path": "the prepared data (its prepare.json settings or its token counts)",
+               "objective.ref_checkpoint": "the reference model (its export's config.json)"}
+
+
+def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Path, out_dir: Path,
+                 paths: dict[str, str | None] | None = None) -> None:
+    """Refuse to resume ``checkpoint`` when a setting of its identity differs, naming the key.
+
+    ``paths``: this run's path of each key compared by content (``data.path``...); the
+    checkpoint's comes from ``out_dir/config.json``, which the run that wrote it left."""
     if saved is None:
         raise UserError(f"{checkpoint} was written by an older lacy-fast that did not record the run's settings, so "
                         "it cannot be resumed safely; start a new out_dir")
     for key in sorted(set(saved) | set(now), key=_order(now)):
         if saved.get(key) != now.get(key):
+            if key in _BY_CONTENT and paths is not None and key in paths:
+                raise _content_differs(key, _saved_path(out_dir, key), paths[key], out_dir)
             raise UserError(
                 f"{out_dir} holds a checkpoint trained with {key}={_show(saved.get(key))}, but this run has "
                 f"{key}={_show(now.get(key))}; resume with the settings it was trained with ({out_dir}/config.json), "
@@ -162,3 +173,25 @@ def _order(now: dict[str, Any]):
 
 def _show(value: Any) -> str:
     return "unset" if value is None else repr(value)
+
+
+def _saved_path(out_dir: Path, key: str) -> str | None:
+    """The path ``key`` had in the run that wrote out_dir's config.json (None: unknown)."""
+    try:
+        node: Any = json.loads((out_dir / "config.json").read_text())
+        for part in key.split("."):
+            node = node[part]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return node if isinstance(node, str) else None
+
+
+def _content_differs(key: str, before: str | None, now: str | None, out_dir: Path) -> UserError:
+    what = _BY_CONTENT[key]
+    if before is not None and now is not None and Path(before).resolve() == Path(now).resolve():
+        return UserError(f"{out_dir} holds a checkpoint trained on {key}={before}, but {before} now holds other "
+                         f"content ({what} changed since); resume on the data it was trained on, or use a new out_dir")
+    was = f"{key}={before}" if before is not None else f"another {key}"
+    return UserError(f"{out_dir} holds a checkpoint trained on {was}, but this run has {key}={now if now is not None else 'unset'}, which "
+                     f"holds other content ({what} differ); resume with {key}={before or 'the one it was trained on'}"
+                     f" ({out_dir}/config.json), or use a new out_dir")
