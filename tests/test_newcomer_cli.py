@@ -162,3 +162,20 @@ def test_the_regime_plot_legends_cover_no_bar_and_its_axes_are_labelled():
         for bar in ax.patches:
             box = bar.get_window_extent(renderer)
             assert not legend.overlaps(box), (ax.get_title(), bar)
+
+
+def test_exports_written_with_model_preset_still_load(tmp_path):
+    import torch
+
+    from lacy_fast.config import ModelConfig
+    from lacy_fast.model import GPT
+    from lacy_fast.model.io import load_export, save_export
+
+    model = GPT(ModelConfig(shape="tiny", n_layer=1, d_model=16, n_head=2, max_seq_len=16, vocab_size=300))
+    path = save_export(tmp_path / "export", model)
+    config = json.loads((path / "config.json").read_text())
+    config["lacy_fast"]["model"]["preset"] = config["lacy_fast"]["model"].pop("shape")  # as older versions wrote
+    (path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_export(path)
+    assert loaded.cfg.shape == "tiny" and loaded.cfg.d_model == 16
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
