@@ -2,7 +2,7 @@
 overhead of the LaCy objective over a plain LM on the same model.
 
     python bench/bench_train.py                                   # tiny model, CPU-sized
-    python bench/bench_train.py --preset lacy-334m --seq-len 1024 --micro-batch 16 --steps 60
+    python bench/bench_train.py --shape lacy-334m --seq-len 1024 --micro-batch 16 --steps 60
 
 Each (strategy, repeat) is one ``train()`` run of ``--steps`` steps on the same prepared
 data (built from the synthetic corpus when ``--data`` is not given); strategies are
@@ -61,7 +61,7 @@ def run_once(args, data: Path, strategy: str, out: Path, peak: float) -> dict:
     from lacy_fast.train.loop import train
 
     cfg = load_config(RunConfig, "tiny", [
-        f"data.path={data}", f"out_dir={out}", f"model.preset={args.preset}", f"train.seq_len={args.seq_len}",
+        f"data.path={data}", f"out_dir={out}", f"model.shape={args.shape}", f"train.seq_len={args.seq_len}",
         f"model.max_seq_len={max(args.seq_len, 256)}", f"train.micro_batch_size={args.micro_batch}",
         f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.ckpt_every=0",
         f"objective.strategy={strategy}", f"train.compile={str(args.compile).lower()}",
@@ -77,7 +77,7 @@ def run_once(args, data: Path, strategy: str, out: Path, peak: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--shape", default="tiny")
     parser.add_argument("--strategies", default="none,lacy")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -110,13 +110,13 @@ def main() -> None:
     rows = []
     for s in strategies:
         tps = statistics.median(r["tokens_per_s"] for r in runs[s])
-        rows.append({"preset": args.preset, "strategy": s, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        rows.append({"shape": args.shape, "strategy": s, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                      "steps": args.steps, "tokens_per_s": tps, "mfu": runs[s][-1]["mfu"],
                      "data_wait": statistics.median(r["data_wait"] for r in runs[s]),
                      "peak_mem_gb": runs[s][-1]["peak_mem_gb"], "peak_source": peak_source,
                      f"overhead_vs_{strategies[0]}": base / tps - 1.0,
                      "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in runs[s]]})
-    print_table(rows, ["preset", "strategy", "tokens_per_s", "mfu", "data_wait", "peak_mem_gb",
+    print_table(rows, ["shape", "strategy", "tokens_per_s", "mfu", "data_wait", "peak_mem_gb",
                        f"overhead_vs_{strategies[0]}"])
     if not args.no_record:
         print(record("train", rows, env_info(device)), file=sys.stderr)

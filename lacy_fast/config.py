@@ -5,7 +5,7 @@
 Every field documents itself (``doc``; ``lacy-fast train --explain`` prints them all) and
 every dataclass validates itself in ``__post_init__``, raising ``ConfigError`` with the full
 dotted key and what to change. A config is built from: the dataclass defaults, then a
-built-in preset (``lacy_fast/presets/NAME.toml``) or a TOML file, then ``key=value``
+built-in run file (``--config NAME``: ``lacy_fast/presets/NAME.toml``) or a TOML file, then ``key=value``
 overrides, each layer replacing the keys it names.
 """
 from __future__ import annotations
@@ -183,8 +183,10 @@ class PrepareConfig(Config):
 # Model and training
 # ----------------------------------------------------------------------------------------
 
-# Shapes of the GPT-style presets: (n_layer, n_head, d_model, max_seq_len).
-MODEL_PRESETS: dict[str, tuple[int, int, int, int]] = {
+# Model shapes (``model.shape``): (n_layer, n_head, d_model, max_seq_len). Not to be confused
+# with run files (``--config NAME``, ``lacy_fast/presets/NAME.toml``): a run file sets every
+# section of a run, a shape only the model's size.
+MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 4, 128, 256),  # CPU tests and the demo
     "small": (4, 4, 256, 256),  # the demo's bigger model
     "gpt2-124m": (12, 12, 768, 1024),  # GPT-2 small
@@ -195,11 +197,12 @@ MODEL_PRESETS: dict[str, tuple[int, int, int, int]] = {
 
 @dataclass
 class ModelConfig(Config):
-    preset: str = doc("tiny", "model shape preset; the fields below override it", choices=tuple(MODEL_PRESETS))
-    n_layer: int | None = doc(None, "transformer blocks (default: the preset's)")
-    n_head: int | None = doc(None, "attention heads (default: the preset's)")
-    d_model: int | None = doc(None, "residual width (default: the preset's)")
-    max_seq_len: int | None = doc(None, "learned position embeddings (default: the preset's)")
+    shape: str = doc("tiny", "model shape (the README's table; not a run file, which is --config); the fields "
+                     "below override it", choices=tuple(MODEL_SHAPES))
+    n_layer: int | None = doc(None, "transformer blocks (default: the shape's)")
+    n_head: int | None = doc(None, "attention heads (default: the shape's)")
+    d_model: int | None = doc(None, "residual width (default: the shape's)")
+    max_seq_len: int | None = doc(None, "learned position embeddings (default: the shape's)")
     vocab_size: int | None = doc(None, "vocabulary incl. <CALL> before padding (default: the tokenizer's)")
     dropout: float = doc(0.0, "dropout on attention, MLP and embeddings")
     bias: bool = doc(True, "biases in linear layers and LayerNorms (GPT-2 style)")
@@ -207,10 +210,13 @@ class ModelConfig(Config):
                          choices=("auto", "flash", "sdpa"))
 
     def __post_init__(self) -> None:
-        if self.preset in MODEL_PRESETS:
-            for name, value in zip(("n_layer", "n_head", "d_model", "max_seq_len"), MODEL_PRESETS[self.preset]):
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
+        if self.shape not in MODEL_SHAPES:
+            what = "a run file" if self.shape in presets() or self.shape.endswith(".toml") else "no model shape"
+            raise ConfigError("shape", f"is {self.shape!r}, {what}; choose one of {', '.join(MODEL_SHAPES)} "
+                              "(a run file is passed as --config)")
+        for name, value in zip(("n_layer", "n_head", "d_model", "max_seq_len"), MODEL_SHAPES[self.shape]):
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         super().__post_init__()
 
     def check(self) -> None:
@@ -298,7 +304,19 @@ class TrainConfig(Config):
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
     precision: str = doc("auto", "bf16 on GPU and fp32 on CPU (auto), or forced", choices=("auto", "bf16", "fp32"))
     seed: int = doc(1337, "seed of model initialisation and dropout")
-    log_every: int = doc(10, "steps between progress lines")
+    log_every: int = doc(10, "steps between metric reads: every this many steps the loop reads the device once, "
+                         "appends the rows to metrics.jsonl (and TensorBoard, W&B) and refreshes the progress "
+                         "line's numbers; the line itself is redrawn at most every 0.25 s on a terminal and "
+                         "every 10 s in a log file")
+    tensorboard: bool = doc(True, "also log to OUT/tensorboard when the tensorboard package is installed (the "
+                            "banner says when it is not)")
+    wandb: bool = doc(False, "also log to Weights & Biases (needs `pip install wandb` and a login; imported only "
+                      "when set)")
+    wandb_project: str = doc("lacy-fast", "train.wandb: the W&B project; the run is named after out_dir")
+    init_from: str | None = doc(None, "start from these weights instead of random ones: a model export "
+                                "(OUT/export), a run's out_dir, or a checkpoint directory "
+                                "(OUT/checkpoints/step_N); weights only, with a fresh optimizer and schedule "
+                                "(fine-tuning); ignored when out_dir already holds a checkpoint to resume")
     ckpt_every: int = doc(500, "steps between checkpoints (0: only at the end and on a signal)")
     keep_last: int = doc(2, "checkpoints kept")
     peak_tflops: float = doc(0.0, "device peak TFLOP/s for MFU (0: looked up from the device name)")
@@ -370,6 +388,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            raise ConfigError(full, f"was renamed {RENAMED[full]}; set {RENAMED[full]}={value}")
         if key not in known:
             raise ConfigError(full, f"does not exist{_did_you_mean(key, known, prefix)}")
         kwargs[key] = _coerce(value, hints[key], full)
@@ -390,7 +410,12 @@ def load_config(cls: type[T], source: str | None = None, overrides: list[str] | 
     return from_dict(cls, data)
 
 
+# Keys that had another name, and their name now.
+RENAMED = {"model.preset": "model.shape"}
+
+
 def presets() -> list[str]:
+    """The built-in run files (``--config NAME``): lacy_fast/presets/NAME.toml."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
@@ -399,9 +424,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist; pass a TOML file or one of the presets: {', '.join(presets())}")
+        raise UserError(f"run file {path} does not exist; pass a TOML file or one of the built-in run files: "
+                        f"{', '.join(presets())}")
     except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path} is not valid TOML ({err}); fix the file or start from a preset")
+        raise UserError(f"config file {path} is not valid TOML ({err}); fix the file or start from a built-in run file")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -441,7 +467,11 @@ def _resolve_source(source: str) -> Path:
     preset = PRESET_DIR / f"{source}.toml"
     if preset.exists():
         return preset
-    raise UserError(f"no config file or preset named '{source}'; presets: {', '.join(presets())}")
+    if source in MODEL_SHAPES:
+        raise UserError(f"'{source}' is a model shape, not a run file; pass model.shape={source} (with --config "
+                        f"tiny or your own run file), or --config one of the run files: {', '.join(presets())}")
+    raise UserError(f"no run file named '{source}'; pass a TOML file or one of the built-in run files: "
+                    f"{', '.join(presets())}")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:

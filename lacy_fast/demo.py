@@ -102,7 +102,7 @@ class Scale:
     vocab: int  # SentencePiece vocabulary, <CALL> included
     seq_len: int
     micro_batch: int
-    slm: str  # model presets
+    slm: str  # model shapes (model.shape)
     slm_lr: float
     slm_epochs: float  # ground-truth-token budget of every SLM, in passes over the corpus
     ref: str
@@ -191,7 +191,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
 
     probe = _probe_data(corpus, data, out / "probe", quiet)
     ref_dir = out / "runs" / "reference"
-    stages.begin(f"train the reference, a bigger model on the same data ({scale.ref} preset, plain LM, "
+    stages.begin(f"train the reference, a bigger model on the same data ({scale.ref} shape, plain LM, "
                  f"{human(scale.ref_epochs * stats['tokens'])} tokens)")
     _finished(train(_run_config(scale, data, ref_dir, scale.ref, scale.ref_lr, int(scale.ref_epochs * stats["tokens"]),
                                 {"strategy": "none"}), progress=not quiet), ref_dir)
@@ -202,7 +202,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
         for name in _trained_rows(strategies):
             run = out / "runs" / (name if seeds == 1 else f"{name}-seed{seed}")
             runs[(name, seed)] = run
-            stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} preset, "
+            stages.begin(f"train SLM '{name}'{f' seed {seed}' if seeds > 1 else ''} ({scale.slm} shape, "
                          f"{human(scale.slm_epochs * stats['tokens'])} ground-truth tokens)")
             objective = {**RUNS[name], **({"ref_checkpoint": str(ref_dir / "export")} if name == "rho" else {})}
             _finished(train(_run_config(scale, data, run, scale.slm, scale.slm_lr,
@@ -242,7 +242,7 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     return rows
 
 
-def _run_config(scale: Scale, data: Path, out: Path, preset: str, lr: float, gt_tokens: int,
+def _run_config(scale: Scale, data: Path, out: Path, shape: str, lr: float, gt_tokens: int,
                 objective: dict[str, Any], seed: int = 0, probe: Path | None = None):
     """A training run of the demo, built as a value: ``gt_tokens`` ground-truth-gradient tokens
     (the equal budget), warm-up over its first 5%, the probe every 20th of the run."""
@@ -255,7 +255,7 @@ def _run_config(scale: Scale, data: Path, out: Path, preset: str, lr: float, gt_
                         ckpt_every=0, log_every=10, keep_last=1, probe="" if probe is None else str(probe),
                         probe_every=max(1, steps // 20))
     return RunConfig(out_dir=str(out), data=DataConfig(path=str(data), seed=1234 + seed),
-                     model=ModelConfig(preset=preset, max_seq_len=scale.seq_len), train=train,
+                     model=ModelConfig(shape=shape, max_seq_len=scale.seq_len), train=train,
                      objective=ObjectiveConfig(**objective))
 
 
@@ -522,9 +522,9 @@ def _setup(scale: Scale, seeds: int, stats: dict[str, Any], regime: dict[str, An
         f"Built-in corpus in the paper's regime: {regime['people']} fictional people, {regime['frequent']} of them "
         f"*frequent* ({regime['frequent_documents']} of the {regime['documents']} biographies), the others *rare* "
         f"(one biography each); {stats['tokens']} tokens, {stats['fact_fraction']:.1%} of them fact tokens (spaCy "
-        f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` preset, each trained on "
+        f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` shape, each trained on "
         f"{scale.slm_epochs:g} passes' worth of ground-truth-gradient tokens ({seeds} seed{'s' if seeds > 1 else ''} "
-        f"per row). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` preset, a bigger model trained "
+        f"per row). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` shape, a bigger model trained "
         f"as a plain LM on the same data ({scale.ref_epochs:g} passes). The model the SLMs call is the fact table "
         "(`oracle:facts.jsonl`), answering as the paper's big model on another tokenizer does: one word of the "
         "value per call after a cue, declining elsewhere (`handoff` `word`). Evaluated on "

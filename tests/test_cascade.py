@@ -32,7 +32,7 @@ def tiny_gpt(tok, seed=0, d_model=32, n_layer=1, max_seq_len=128, call_scale=30.
     """A random GPT whose <CALL> logit varies more than the others, so <CALL> is the argmax at
     roughly a third of positions: every rule sees both outcomes."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(preset="tiny", n_layer=n_layer, n_head=2, d_model=d_model, max_seq_len=max_seq_len,
+    model = GPT(ModelConfig(shape="tiny", n_layer=n_layer, n_head=2, d_model=d_model, max_seq_len=max_seq_len,
                             vocab_size=tok.vocab_size))
     with torch.no_grad():
         model.wte.weight[tok.call_id] *= call_scale
@@ -592,10 +592,10 @@ def test_hf_keep_drops_rows_like_a_fresh_batch(tok, hf_dir):
 def test_generate_cli_json_and_text(slm, tok, facts, capsys):
     assert cli.main(["generate", "--slm", str(slm.path.parent), "--big", f"oracle:{facts}", "--prompt", "Anna",
                      "--prompt", "Bo", "--max-new-tokens", "8", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"slm", "big", "rule", "score", "summary", "generations"}
-    assert len(out["generations"]) == 2 and out["generations"][0]["steps"] == 8
-    assert {"marked", "called_spans", "calls", "call_rate", "finish"} <= set(out["generations"][0])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSONL: factscore's input
+    assert [r["title"] for r in rows] == ["Anna", "Bo"] and rows[0]["steps"] == 8
+    assert all(r["generation"] == r["prompt"] + r["text"] for r in rows)
+    assert {"marked", "called_spans", "calls", "call_rate", "finish", "slm", "big", "rule", "score"} <= set(rows[0])
     assert cli.main(["generate", "--slm", str(slm.path), "--prompt", "Anna", "--max-new-tokens", "5"]) == 0
     text = capsys.readouterr().out
     assert "Anna" in text and "steps 5 | calls 0" in text

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from lacy_fast.config import (
-    MODEL_PRESETS, RunConfig, PrepareConfig, explain, from_dict, load_config, parse_override, presets, to_dict,
+    MODEL_SHAPES, RunConfig, PrepareConfig, explain, from_dict, load_config, parse_override, presets, to_dict,
 )
 from lacy_fast.errors import ConfigError, UserError
 
@@ -17,16 +17,16 @@ def test_every_preset_loads_and_round_trips():
 
 def test_overrides_are_typed_and_win_over_the_preset():
     cfg = load_config(RunConfig, "tiny", ["train.lr=3e-4", "objective.strategy=spacy", "zero_stage=2",
-                                           "data.path=/tmp/x y", "model.preset=gpt2-124m", "train.seq_len=1024"])
+                                           "data.path=/tmp/x y", "model.shape=gpt2-124m", "train.seq_len=1024"])
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
     assert cfg.objective.strategy == "spacy"
     assert cfg.zero_stage == 2
     assert cfg.data.path == "/tmp/x y"
-    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model) == MODEL_PRESETS["gpt2-124m"][:3]
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model) == MODEL_SHAPES["gpt2-124m"][:3]
 
 
 def test_explicit_shape_field_beats_model_preset():
-    cfg = load_config(RunConfig, None, ["model.preset=lacy-334m", "model.n_layer=3"])
+    cfg = load_config(RunConfig, None, ["model.shape=lacy-334m", "model.n_layer=3"])
     assert cfg.model.n_layer == 3 and cfg.model.d_model == 1024
 
 
@@ -62,7 +62,7 @@ def test_bad_keys_and_values_name_the_full_key(override, key, words):
 
 
 def test_bad_sources_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="no config file or preset named 'nope'"):
+    with pytest.raises(UserError, match="no run file named 'nope'"):
         load_config(RunConfig, "nope")
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nlr = 1")
@@ -101,3 +101,18 @@ def test_call_rate_is_auto_or_a_number():
         cfg = load_config(RunConfig, "tiny", [f"objective.call_rate={text}"])
         assert cfg.objective.call_rate == value and type(cfg.objective.call_rate) is type(value)
         assert from_dict(RunConfig, to_dict(cfg)) == cfg
+
+
+def test_run_files_and_model_shapes_cannot_be_confused(tmp_path):
+    # A shape where a run file belongs: named as a shape, with the key to use instead.
+    with pytest.raises(UserError, match=r"'small' is a model shape, not a run file; pass model.shape=small"):
+        load_config(RunConfig, "small")
+    # A run file where a shape belongs.
+    with pytest.raises(ConfigError, match=r"'model.shape' is 'my-run.toml', a run file; .*passed as --config"):
+        load_config(RunConfig, None, ["model.shape=my-run.toml"])
+    with pytest.raises(ConfigError, match="'model.shape' is 'nope', no model shape; choose one of tiny, small"):
+        load_config(RunConfig, None, ["model.shape=nope"])
+    # The old key is refused with its new name.
+    with pytest.raises(ConfigError, match="'model.preset' was renamed model.shape; set model.shape=small"):
+        load_config(RunConfig, None, ["model.preset=small"])
+    assert load_config(RunConfig, "tiny", ["model.shape=small"]).model.d_model == MODEL_SHAPES["small"][2]

@@ -110,7 +110,7 @@ def test_correct_changed_year_swapped_place_other_person_and_empty(kb_path, tmp_
     gen.write_text("".join(json.dumps({"title": t, "generation": g, "model": "x"}) + "\n" for t, g in generations))
     out = tmp_path / "fs.json"
     assert cli.main(["factscore", "--knowledge", str(kb_path), "--generations", str(gen), "--out", str(out),
-                     "--quiet"]) == 0
+                     "--quiet", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result and result["judge"] == "rules"
     items = result["items"]
@@ -172,7 +172,7 @@ def test_the_synthetic_table_scores_exactly_as_before(tmp_path, capsys):
     gen = tmp_path / "gen.jsonl"
     gen.write_text("".join(json.dumps({"title": p.name, "generation": t}) + "\n" for p, t in zip(people, texts)))
     assert cli.main(["factscore", "--knowledge", str(tmp_path / "facts.jsonl"), "--generations", str(gen),
-                     "--quiet"]) == 0
+                     "--quiet", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     exact = factscore(table, people, texts)
     assert result["factscore"] == exact["macro"] and result["micro"] == exact["micro"] < 1

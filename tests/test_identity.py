@@ -36,7 +36,7 @@ def test_settings_that_change_a_step_are_compared(key):
 def test_a_difference_is_refused_naming_the_key(tmp_path):
     saved = identity()
     check_resume(saved, identity("train.max_steps=5000", "train.lr=1e-4", "train.log_every=3"), tmp_path, tmp_path)
-    check_resume(saved, identity("model.preset=tiny", "model.n_layer=2"), tmp_path, tmp_path)  # same shape
+    check_resume(saved, identity("model.shape=tiny", "model.n_layer=2"), tmp_path, tmp_path)  # same shape
     for overrides, resolved, key in [
         (["objective.strategy=none"], {}, "objective.strategy"),
         (["objective.call_fraction=0.5"], {}, "objective.call_fraction"),

@@ -15,7 +15,7 @@ from test_data_tokenizer import train_small
 
 def tiny(vocab=211, **kw) -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(preset="tiny", n_layer=2, n_head=4, d_model=48, max_seq_len=64, vocab_size=vocab, **kw))
+    return GPT(ModelConfig(shape="tiny", n_layer=2, n_head=4, d_model=48, max_seq_len=64, vocab_size=vocab, **kw))
 
 
 def test_forward_returns_hidden_states_and_pads_the_vocabulary():
@@ -102,7 +102,7 @@ def test_flops_formula_matches_a_counted_training_step():
 ])
 def test_preset_sizes_match_the_paper(preset, vocab, low, high):
     with torch.device("meta"):
-        model = GPT(ModelConfig(preset=preset, vocab_size=vocab))
+        model = GPT(ModelConfig(shape=preset, vocab_size=vocab))
     assert low < model.num_params() < high
 
 
@@ -177,7 +177,7 @@ def test_gradcheck_model_with_the_lacy_op(strategy):
     from lacy_fast.kernels import lacy_linear_cross_entropy
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(preset="tiny", n_layer=1, n_head=2, d_model=8, max_seq_len=16, vocab_size=37)).double()
+    model = GPT(ModelConfig(shape="tiny", n_layer=1, n_head=2, d_model=8, max_seq_len=16, vocab_size=37)).double()
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in model.named_parameters())
     idx = torch.randint(3, 37, (2, 7))

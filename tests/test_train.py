@@ -203,7 +203,7 @@ def test_explain_lists_the_contract_keys(capsys, data):
     out = capsys.readouterr().out
     for key in ("data.path", "out_dir", "train.max_steps", "train.seq_len", "train.micro_batch_size",
                 "train.grad_accum", "train.lr", "objective.strategy", "objective.call_fraction",
-                "objective.call_rate", "objective.renormalize", "model.preset", "zero_stage"):
+                "objective.call_rate", "objective.renormalize", "model.shape", "zero_stage"):
         assert key in out
     assert "docs/method.md" in out and "DESIGN.md" not in out
     may_change = out.split("which may change:")[1]

@@ -41,39 +41,52 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from lacy_fast.config import PrepareConfig, load_config
+from lacy_fast.config import PrepareConfig
 from lacy_fast.data import shards as shard_io
 from lacy_fast.data.workers import ShardPool, die_with_parent, exit_if_orphaned
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
-from lacy_fast.errors import ConfigError, UserError
+from lacy_fast.errors import UserError
 from lacy_fast.fileio import disk_full_is_user_error, write_bytes, write_json
 from lacy_fast.lock import DirLock
+from lacy_fast.overrides import (
+    Shorthand, add_config_arguments, build_config, print_explain, shorthand_help, split_overrides,
+)
 from lacy_fast.progress import Progress
 
 SETTINGS_FILE = "prepare.json"
 TRAIN_DOC_CHARS = 4000  # characters of each sampled document the tokenizer trains on
 
 
+SHORTHANDS = [Shorthand("--input", "inputs"), Shorthand("--out", "out"),
+              Shorthand("--vocab-size", "tokenizer.vocab_size"), Shorthand("--tokenizer", "tokenizer.path"),
+              Shorthand("--workers", "workers"), Shorthand("--judge", "judge.spec")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", metavar="PATH", help="text files, directories or globs "
-                        "(.txt, .jsonl, .parquet, optionally .gz)")
-    parser.add_argument("--out", help="output directory (shards, tokenizer.model, stats.json)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer, <CALL> included "
-                        "(default 32000)")
-    parser.add_argument("--tokenizer", metavar="FILE", help="use this SentencePiece .model instead of training one")
-    parser.add_argument("--workers", type=int, help="worker processes, each tokenizing and labeling (default 1)")
-    parser.add_argument("--config", metavar="FILE", help="a TOML file of PrepareConfig keys")
-    parser.add_argument("--judge", metavar="SPEC", help="who sets flag bit 1 (strategy judge): none (default), "
-                        "oracle:FACTS.jsonl or hf:DIR; rerun with another to relabel bit 1 alone")
+    parser.add_argument("--input", nargs="+", metavar="PATH", help=shorthand_help(
+        "text files, directories or globs (.txt, .jsonl, .parquet, optionally .gz)", "inputs"))
+    parser.add_argument("--out", help=shorthand_help("output directory (shards, tokenizer.model, stats.json)", "out"))
+    parser.add_argument("--vocab-size", type=int, help=shorthand_help(
+        "vocabulary of the trained tokenizer, <CALL> included (default 32000)", "tokenizer.vocab_size"))
+    parser.add_argument("--tokenizer", metavar="FILE", help=shorthand_help(
+        "use this SentencePiece .model (with a <CALL> control symbol) instead of training one", "tokenizer.path"))
+    parser.add_argument("--workers", type=int, help=shorthand_help(
+        "worker processes, each tokenizing and labeling (default 1)", "workers"))
+    parser.add_argument("--config", metavar="FILE", help="a TOML run file of PrepareConfig keys")
+    parser.add_argument("--judge", metavar="SPEC", help=shorthand_help(
+        "who sets flag bit 1 (strategy judge): none (default), oracle:FACTS.jsonl or hf:DIR; rerun with another "
+        "to relabel bit 1 alone", "judge.spec"))
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--show", metavar="DIR", help="print documents of a prepare output with fact tokens marked "
                         "[[...]], judge tokens {{...}}, and exit")
     parser.add_argument("--docs", type=int, default=3, help="documents --show prints (default 3)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="PrepareConfig overrides, e.g. label.subwords=first shard_docs=5000")
+    add_config_arguments(parser, PrepareConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.explain:
+        print_explain(PrepareConfig, "prepare", SHORTHANDS)
+        return 0
     if args.show:
         shard_io.show(args.show, args.docs)
         return 0
@@ -95,27 +108,15 @@ def run(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     # `--input a.txt shard_docs=10`: argparse hands the override to --input; take it back.
-    inputs = list(args.input or [])
-    overrides = [i for i in inputs if "=" in i and not Path(i).exists()] + list(args.overrides)
-    args.input = [i for i in inputs if i not in overrides]
-    cfg = load_config(PrepareConfig, args.config, overrides)
-    tok = cfg.tokenizer
-    if args.vocab_size is not None:
-        tok = dataclasses.replace(tok, vocab_size=args.vocab_size)
-    if args.tokenizer is not None:
-        tok = dataclasses.replace(tok, path=args.tokenizer)
-    judge = cfg.judge
-    if args.judge is not None:
-        try:
-            judge = dataclasses.replace(cfg.judge, spec=args.judge)
-        except ConfigError:
-            raise UserError(f"--judge {args.judge} is not a judge; pass none, oracle:FACTS.jsonl or hf:DIR")
-    cfg = dataclasses.replace(
-        cfg, tokenizer=tok, judge=judge,
-        inputs=tuple(args.input) if args.input else cfg.inputs,
-        out=args.out or cfg.out,
-        workers=args.workers if args.workers is not None else cfg.workers,
-    )
+    inputs, taken = split_overrides(args.input)
+    args.input = inputs or None
+    args.overrides = taken + list(args.overrides or [])
+    try:
+        cfg = build_config(PrepareConfig, args, SHORTHANDS, args.config, "prepare")
+    except UserError as err:
+        if str(err).startswith("--judge ") and " is " in str(err):
+            raise UserError(f"--judge {args.judge} is not a judge; pass none, oracle:FACTS.jsonl or hf:DIR") from None
+        raise
     if not cfg.inputs:
         raise UserError("no input given; pass --input PATH [PATH ...] (files, directories or globs)")
     if not cfg.out:

@@ -1,7 +1,7 @@
 """The built-in corpus: Wikipedia-like biographies of fictional people, with their facts.
 
     lacy-fast synth --out DIR [--people N] [--seed S] [--renderings R] [--heldout F]
-                    [--frequent-share F] [--frequent-docs K] [--free-wording W] [--mentions M]
+                    [--frequent-share F] [--frequent-docs K] [--free-wording W] [--mentions M] [key=value ...]
 
 writes
 - ``DIR/corpus.jsonl``: one ``{"text": ...}`` biography per line;
@@ -11,7 +11,10 @@ writes
 - ``DIR/heldout.jsonl``: ``{"id", "text", "free"}``: new renderings of the biographies of a
   subset of the same people (every fact sentence through another template than in the
   corpus where one is left, other fillers, wording and order), for perplexity and the call
-  statistics on unseen text; ``free`` lists the character spans of their free wording.
+  statistics on unseen text; ``free`` lists the character spans of their free wording;
+- ``DIR/articles.jsonl``: one ``{"title", "text"}`` article per person (its first biography),
+  a knowledge source in the format of real ones (Wikipedia lead sections) for
+  ``lacy-fast eval --knowledge`` and ``lacy-fast factscore --knowledge``.
 
 Each fact is stated through one of several paraphrase templates (``TEMPLATES``: attribute ->
 templates with a ``{value}`` slot), so the grammar varies while the facts do not.
@@ -45,8 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from lacy_fast.config import Config, doc
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import atomic_path
+from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
 
 ATTRIBUTES = ("birth_date", "birth_place", "nationality", "education", "occupation", "employer", "award",
               "residence")
@@ -484,7 +489,7 @@ def generate(n: int, seed: int, heldout: float = 0.1, renderings: int = 1,
 
 def write(out: str | Path, n: int = DEFAULT_PEOPLE, seed: int = 0, heldout: float = 0.1,
           renderings: int = 1, regime: Regime = UNIFORM) -> dict[str, int]:
-    """Write corpus.jsonl, facts.jsonl and heldout.jsonl into ``out``, each atomically.
+    """Write corpus.jsonl, facts.jsonl, heldout.jsonl and articles.jsonl into ``out``, each atomically.
 
     The corpus holds document 0 of every person, then document 1 of every person who has
     one, and so on. Held-out rows alternate between frequent and rare people (while both
@@ -501,10 +506,12 @@ def write(out: str | Path, n: int = DEFAULT_PEOPLE, seed: int = 0, heldout: floa
     docs: list[list[str]] = []
     held: dict[bool, list[str]] = {True: [], False: []}
     with atomic_path(out / "corpus.jsonl") as c_tmp, atomic_path(out / "facts.jsonl") as f_tmp, \
-            atomic_path(out / "heldout.jsonl") as h_tmp, open(f_tmp, "w", encoding="utf-8") as facts:
+            atomic_path(out / "heldout.jsonl") as h_tmp, atomic_path(out / "articles.jsonl") as a_tmp, \
+            open(f_tmp, "w", encoding="utf-8") as facts, open(a_tmp, "w", encoding="utf-8") as articles:
         for b in biographies(n, seed, heldout, renderings, regime):
             p = b.person
             docs.append([d.text for d in b.documents])
+            articles.write(json.dumps({"title": p.name, "text": b.documents[0].text}) + "\n")
             facts.write(json.dumps({"id": p.id, "name": p.name, "pronoun": p.pronoun, "facts": p.facts,
                                     "bucket": "frequent" if b.frequent else "rare",
                                     "documents": len(b.documents)}) + "\n")
@@ -536,34 +543,54 @@ def _alternate(a: list[str], b: list[str]) -> Iterator[str]:
     yield from longer[min(len(a), len(b)):]
 
 
+@dataclass
+class SynthConfig(Config):
+    """The settings of `lacy-fast synth` (its flags are shorthands for these keys)."""
+
+    out: str = doc("", "output directory")
+    people: int = doc(DEFAULT_PEOPLE, "people to invent")
+    seed: int = doc(0, "seed; the same seed writes the same bytes")
+    renderings: int = doc(1, "biographies of every person in the corpus, each through other templates")
+    heldout: float = doc(0.1, "share of the rare people who also get a held-out rendering (every frequent person does)")
+    frequent_share: float = doc(PAPER.frequent_share, "share of people written about often (0: everyone equally)")
+    frequent_docs: int = doc(PAPER.frequent_docs, "a frequent person gets this many times the biographies")
+    free_wording: float = doc(PAPER.free_wording, "probability that a free-wording slot or connective takes a "
+                              "random word, an acceptable alternative (0: fixed wording)")
+    mentions: float = doc(PAPER.mentions, "share of biographies that mention a frequent person")
+
+    def check(self) -> None:
+        self._positive("people", "renderings")
+        self._fraction("heldout")
+
+
+SHORTHANDS = [Shorthand(f"--{name.replace('_', '-')}", name) for name in
+              ("out", "people", "seed", "renderings", "heldout", "frequent_share", "frequent_docs", "free_wording",
+               "mentions")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--people", type=int, default=DEFAULT_PEOPLE, help=f"people to invent (default {DEFAULT_PEOPLE})")
-    parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
-    parser.add_argument("--renderings", type=int, default=1,
-                        help="biographies of every person in the corpus, each through other templates (default 1)")
-    parser.add_argument("--heldout", type=float, default=0.1,
-                        help="share of the rare people who also get a held-out rendering (every frequent person "
-                             "does; default 0.1)")
-    parser.add_argument("--frequent-share", type=float, default=PAPER.frequent_share,
-                        help=f"share of people written about often (default {PAPER.frequent_share}; 0: everyone "
-                             "equally)")
-    parser.add_argument("--frequent-docs", type=int, default=PAPER.frequent_docs,
-                        help=f"a frequent person gets this many times the biographies (default {PAPER.frequent_docs})")
-    parser.add_argument("--free-wording", type=float, default=PAPER.free_wording,
-                        help="probability that a free-wording slot or connective takes a random word, an acceptable "
-                             f"alternative (default {PAPER.free_wording}; 0: fixed wording)")
-    parser.add_argument("--mentions", type=float, default=PAPER.mentions,
-                        help=f"share of biographies that mention a frequent person (default {PAPER.mentions})")
+    types = {"people": int, "seed": int, "renderings": int, "frequent_docs": int}
+    for s in SHORTHANDS:
+        parser.add_argument(s.flag, type=types.get(s.dest, float) if s.dest != "out" else str,
+                            help=shorthand_help(_doc_of(s.dest), s.key))
+    add_config_arguments(parser, SynthConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.people <= 0:
-        raise UserError(f"--people is {args.people}; it must be > 0")
-    if not 0.0 <= args.heldout <= 1.0:
-        raise UserError(f"--heldout is {args.heldout}; it must lie in [0, 1]")
-    regime = Regime(args.frequent_share, args.frequent_docs, args.free_wording, args.mentions)
-    counts = write(args.out, args.people, args.seed, args.heldout, args.renderings, regime)
+    if args.explain:
+        print_explain(SynthConfig, "synth", SHORTHANDS)
+        return 0
+    cfg = build_config(SynthConfig, args, SHORTHANDS, command="synth")
+    if not cfg.out:
+        raise UserError("no output directory given; pass --out DIR")
+    regime = Regime(cfg.frequent_share, cfg.frequent_docs, cfg.free_wording, cfg.mentions)
+    counts = write(cfg.out, cfg.people, cfg.seed, cfg.heldout, cfg.renderings, regime)
     print(f"wrote {counts['documents']} biographies of {counts['people']} people ({counts['frequent']} frequent, "
-          f"{counts['facts']} facts) and {counts['heldout']} held-out renderings to {args.out}")
+          f"{counts['facts']} facts) and {counts['heldout']} held-out renderings to {cfg.out}")
     return 0
+
+
+def _doc_of(name: str) -> str:
+    import dataclasses as dc
+
+    return next(f.metadata["doc"] for f in dc.fields(SynthConfig) if f.name == name)

@@ -8,7 +8,8 @@ facts.jsonl of ``lacy-fast synth`` (scored exactly, as `lacy-fast eval --facts` 
 Every title must be in the source. ``sources.py`` defines the atomic facts, the judges and
 the score.
 
-Prints, and writes to ``--out``, one JSON object: ``factscore`` (mean over the items that
+Prints a summary table and one line per generation; ``--out FILE`` writes the details (and
+``--json`` prints them instead), one JSON object: ``factscore`` (mean over the items that
 state at least one fact; null when none does), ``micro``, ``facts``, ``supported``,
 ``generations``, ``facts_per_generation``, ``supported_per_generation``,
 ``share_with_facts``, ``judge``, ``knowledge``, ``source``, ``retrieved_passages``,
@@ -21,11 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lacy_fast.errors import UserError
+from lacy_fast.config import Config, doc
+from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import check_writable, jsonl_string_pairs, utf8_problem, write_json
+from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
 from lacy_fast.progress import Progress
 
 GEN_HINT = 'JSONL with one {"title": ..., "generation": ...} per line'
@@ -55,38 +59,88 @@ def score_file(knowledge: Path, generations: Path, judge: str = "rules", k: int 
             "items": [i.to_dict() for i in items]}
 
 
+@dataclass
+class FactScoreConfig(Config):
+    """The settings of `lacy-fast factscore` (its flags are shorthands for these keys)."""
+
+    judge: str = doc("rules", "rules (no model: spaCy claims checked in the retrieved passages) or hf:DIR (a local "
+                     "Hugging Face causal LM answers True / False)")
+    passages: int = doc(5, "passages retrieved per fact")
+
+    def check(self) -> None:
+        if self.passages < 1:
+            raise ConfigError("passages", f"is {self.passages}; retrieve at least 1 passage per fact")
+
+
+SHORTHANDS = [Shorthand("--judge", "judge"), Shorthand("--passages", "passages")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--knowledge", required=True, type=Path,
+    parser.add_argument("--knowledge", type=Path,
                         help='knowledge source: JSONL of {"title", "text"} articles, or facts.jsonl of `lacy-fast synth`')
-    parser.add_argument("--generations", required=True, type=Path, help=f"the generations: {GEN_HINT}")
-    parser.add_argument("--judge", default="rules",
-                        help="rules (default: no model, spaCy claims checked in the retrieved passages) or hf:DIR "
-                             "(a local Hugging Face causal LM answers True / False)")
-    parser.add_argument("--passages", type=int, default=5, help="passages retrieved per fact (default 5)")
+    parser.add_argument("--generations", type=Path, help=f"the generations: {GEN_HINT}")
+    parser.add_argument("--judge", help=shorthand_help("rules (default) or hf:DIR", "judge"))
+    parser.add_argument("--passages", type=int, help=shorthand_help("passages retrieved per fact (default 5)",
+                                                                     "passages"))
     parser.add_argument("--device", default="cpu", help="device of an hf: judge (default cpu)")
-    parser.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    parser.add_argument("--out", type=Path, help="write the details (every generation and each judged claim) to this "
+                        "JSON file")
+    parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of the tables")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    add_config_arguments(parser, FactScoreConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.passages < 1:
-        raise UserError(f"--passages is {args.passages}; retrieve at least 1 passage per fact")
+    if args.explain:
+        print_explain(FactScoreConfig, "factscore", SHORTHANDS)
+        return 0
+    cfg = build_config(FactScoreConfig, args, SHORTHANDS, command="factscore")
+    if args.knowledge is None or args.generations is None:
+        raise UserError("pass --knowledge FILE (the facts to check against) and --generations FILE (what to score)")
     if args.out is not None and args.out.is_dir():
         raise UserError(f"--out {args.out} is a directory; pass a file name")
     if args.out is not None:
         check_writable(args.out, "--out")  # before the work, not after it
     try:
-        result = score_file(args.knowledge, args.generations, args.judge, args.passages, args.device, not args.quiet)
+        result = score_file(args.knowledge, args.generations, cfg.judge, cfg.passages, args.device, not args.quiet)
     except UnicodeDecodeError:
         problem = args.knowledge.is_file() and utf8_problem(args.knowledge, "knowledge source")
         if problem:
             raise UserError(problem)
         raise
-    # Printed first: should --out fail after all (the disk filled meanwhile), the scores are on stdout.
-    print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
     if args.out is not None:
         try:
             write_json(args.out, result)
         except OSError as err:
+            if not args.json:  # should --out fail after all (the disk filled meanwhile), the scores reach stdout
+                print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
             raise UserError(f"--out {args.out} could not be written ({err.strerror}); the result is printed above")
+    if not args.json:
+        print(format_summary(result, args.out))
     return 0
+
+
+def format_summary(result: dict[str, Any], out: Path | None, rows: int = 20) -> str:
+    """The summary table, then one line per generation (the first ``rows``)."""
+    def cell(v: Any, fmt: str) -> str:
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"FactScore of {result['generations']} generations against {result['knowledge']} ({result['source']}, "
+             f"judge {result['judge']}, {result['seconds']:.1f} s)", "",
+             f"{'FactScore':>9}  {'micro':>5}  {'supported':>9}  {'facts/gen':>9}  {'with facts':>10}",
+             f"{cell(result['factscore'], '{:.3f}'):>9}  {cell(result['micro'], '{:.3f}'):>5}  "
+             f"{str(result['supported']) + '/' + str(result['facts']):>9}  {result['facts_per_generation']:>9.2f}  "
+             f"{result['share_with_facts']:>10.0%}", ""]
+    items = result["items"]
+    width = min(40, max([len("title")] + [len(i["title"]) for i in items[:rows]]))
+    lines.append(f"{'title':<{width}}  {'facts':>5}  {'supported':>9}  {'score':>5}")
+    for i in items[:rows]:
+        lines.append(f"{i['title'][:width]:<{width}}  {i['facts']:>5}  {i['supported']:>9}  "
+                     f"{cell(i['score'], '{:.2f}'):>5}")
+    if len(items) > rows:
+        lines.append(f"... {len(items) - rows} more")
+    lines += ["", f"details (each claim and its verdict): {out}" if out is not None else
+              "pass --out FILE for the details (each claim and its verdict), or --json to print them"]
+    return "\n".join(lines)

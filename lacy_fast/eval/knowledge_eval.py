@@ -27,6 +27,7 @@ from lacy_fast.cascade.engine import Cascade, Generation, summarize
 from lacy_fast.cascade.slm import ExportedModel
 from lacy_fast.config import EvalConfig
 from lacy_fast.errors import UserError
+from lacy_fast.eval.report import format_rows, knowledge_row
 from lacy_fast.eval.sources import FactSource, Item, summarize as fact_summary
 from lacy_fast.progress import Progress
 
@@ -78,18 +79,14 @@ def evaluate_knowledge(slm: ExportedModel, big: BigModel | None, source: FactSou
 
 
 def format_knowledge_report(result: dict[str, Any]) -> str:
-    def cell(v: Any, fmt: str) -> str:
-        return "-" if v is None else fmt.format(v)
-
     lines = [f"SLM {result['slm']} | big {result['big']} | rule {result['rule']} | {result['people']} titles of "
              f"{result['knowledge']} | judge {result['judge']}", ""]
+    lines.append(format_rows({name: knowledge_row(result[name]) for name in ("alone", "cascade") if name in result}))
     for name in ("alone", "cascade"):
         if name in result:
             s = result[name]
-            lines.append(f"{name:<8} FactScore {cell(s['factscore'], '{:.3f}')} | {s['supported']}/{s['facts']} facts "
-                         f"supported | {s['facts_per_generation']:.2f} facts/gen | "
-                         f"{s['share_with_facts']:.0%} state a fact | call rate {s['generation']['call_rate']:.1%}")
-    lines += ["", f"leakage: not reported ({result['leakage_note']})"]
+            lines.append(f"{name}: {s['supported']}/{s['facts']} facts supported")
+    lines += ["", f"leakage, held-out calls, perplexity: not reported ({result['leakage_note']})"]
     if result.get("samples"):
         lines += ["", "samples ([[...]]: from the big model; facts: + supported, - not):"]
         for s in result["samples"]:

@@ -1,9 +1,13 @@
 """Plots people would rather see than read: training curves of one or more runs.
 
-    lacy-fast plot runs/lacy runs/none [--out curves.png] [--smooth 20]
+    lacy-fast plot runs/lacy runs/none [--out curves.png] [--smooth 20] [--x gt_tokens]
 
-draws, per run, the loss, the loss on ground-truth targets, the loss on <CALL> targets
-and the call rate against the step, from each run's ``metrics.jsonl``.
+draws, per run, the loss, the loss on ground-truth targets, the loss on <CALL> targets,
+the call rate, the learning rate and the gradient norm, from each run's ``metrics.jsonl``,
+against the step or (``--x gt_tokens``) the ground-truth-gradient tokens seen, the axis
+strategies are compared on (an equal-budget run stops every strategy at the same count).
+Each run is labelled by its strategy (``objective.strategy`` of its ``config.json``) and
+its folder.
 
 ``plot_budget_curve`` draws the demo's main plot: FactScore against the call budget, every
 strategy, the seed spread as a band. ``plot_sweep`` draws the evaluation's FactScore vs call-rate curves (``lacy-fast eval
@@ -15,14 +19,46 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lacy_fast.errors import UserError
+from lacy_fast.config import Config, doc
+from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import atomic_path
+from lacy_fast.overrides import Shorthand, build_config, print_explain, shorthand_help, split_overrides
 
 PANELS = [("loss", "loss"), ("loss_gt", "loss on ground-truth targets"), ("loss_call", "loss on <CALL> targets"),
-          ("call_rate", "call rate (share of targets)")]
+          ("call_rate", "call rate (share of targets)"), ("lr", "learning rate"),
+          ("grad_norm", "gradient norm (before clipping)")]
+# x axis key -> its label
+X_AXES = {"step": "step", "gt_tokens": "ground-truth-gradient tokens"}
+
+
+@dataclass
+class PlotConfig(Config):
+    """The settings of `lacy-fast plot` (its flags are shorthands for these keys)."""
+
+    x: str = doc("step", "x axis: the optimizer step, or the ground-truth-gradient tokens seen (the axis strategies "
+                 "are compared on)", choices=tuple(X_AXES))
+    smooth: int = doc(1, "trailing-mean window, in logged steps")
+
+    def check(self) -> None:
+        if self.smooth < 1:
+            raise ConfigError("smooth", f"is {self.smooth}; it must be at least 1")
+
+
+SHORTHANDS = [Shorthand("--x", "x"), Shorthand("--smooth", "smooth")]
+
+
+def run_label(run: Path) -> str:
+    """'lacy (runs/lacy)': the run's strategy from its config.json, and its folder."""
+    folder = run if run.is_dir() else run.parent
+    try:
+        strategy = json.loads((folder / "config.json").read_text())["objective"]["strategy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(run)
+    return f"{strategy} ({folder})"
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -80,21 +116,26 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = 1) -> Path:
-    fig, axes = _pyplot().subplots(2, 2, figsize=(11, 7), sharex=True)
+def draw_runs(runs: dict[str, list[dict[str, Any]]], window: int = 1, x: str = "step"):
+    """The figure of ``plot_runs``: one panel per PANELS entry, one line per run."""
+    fig, axes = _pyplot().subplots(3, 2, figsize=(11, 9.5), sharex=True)
     colors = _colors(list(runs))
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name, rows in runs.items():
-            steps = [r["step"] for r in rows if r.get(key) is not None]
-            values = smooth([r[key] for r in rows if r.get(key) is not None], window)
-            if steps:
-                ax.plot(steps, values, label=name, linewidth=1.4, color=colors[name])
+            kept = [r for r in rows if r.get(key) is not None and r.get(x) is not None]
+            if kept:
+                ax.plot([r[x] for r in kept], smooth([r[key] for r in kept], window), label=name, linewidth=1.4,
+                        color=colors[name])
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("step")
+    for ax in axes[-1]:
+        ax.set_xlabel(X_AXES[x])
     axes[0, 0].legend(fontsize=8)
-    return _save(fig, out)
+    return fig
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path, window: int = 1, x: str = "step") -> Path:
+    return _save(draw_runs(runs, window, x), out)
 
 
 def plot_sweep(curves: dict[str, list[dict[str, Any]]], out: Path) -> Path:
@@ -164,15 +205,16 @@ def plot_budget_curve(curves: dict[str, list[list[dict[str, Any]]]], out: Path) 
     return _save(fig, out)
 
 
-def plot_regime(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Two panels from the demo's rows (``lacy_fast.demo``): FactScore on frequent and rare
-    people, alone and in cascade, per strategy (error bars: the seed spread); and the share
-    of the cascade's held-out calls on unknown facts, known facts, free wording and other."""
+def draw_regime(rows: list[dict[str, Any]]):
+    """The figure of ``plot_regime``: two panels from the demo's rows (``lacy_fast.demo``):
+    FactScore on frequent and rare people, alone and in cascade, per strategy (error bars:
+    the seed spread); and the share of the cascade's held-out calls on unknown facts, known
+    facts, free wording and other. The legends sit outside the axes, never over a bar."""
     import numpy as np
 
     by = {(r["strategy"], r["mode"]): r for r in rows}
     names = [r["strategy"] for r in rows if r["mode"] == "slm"]
-    fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12, 5.2))
     bars = [("alone, frequent", "slm", "factscore_frequent"), ("alone, rare", "slm", "factscore_rare"),
             ("cascade, frequent", "cascade", "factscore_frequent"), ("cascade, rare", "cascade", "factscore_rare")]
     x = np.arange(len(names))
@@ -183,10 +225,11 @@ def plot_regime(rows: list[dict[str, Any]], out: Path) -> Path:
         axes[0].bar(x + (i - (len(bars) - 1) / 2) * width, [v if v is not None else 0.0 for v in values], width,
                     yerr=errors if any(errors) else None, label=label, capsize=2)
     axes[0].set_xticks(x, names)
-    axes[0].set_ylim(0, 1.2)  # headroom: the legend sits above the bars
-    axes[0].set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_xlabel("SLM (training strategy)")
+    axes[0].set_ylabel("FactScore")
     axes[0].set_title("FactScore by popularity bucket (cascade: equal call budget)", fontsize=10)
-    axes[0].legend(fontsize=8, loc="upper center", ncol=4)
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     axes[0].grid(alpha=0.3, axis="y")
     classes = [("unknown facts", "calls_unknown_fact"), ("known facts", "calls_known_fact"),
                ("free wording", "calls_free"), ("other", "calls_other")]
@@ -197,9 +240,14 @@ def plot_regime(rows: list[dict[str, Any]], out: Path) -> Path:
         left += values
     axes[1].set_xlim(0, 1)
     axes[1].invert_yaxis()
+    axes[1].set_xlabel("share of the cascade's calls on held-out text")
     axes[1].set_title("where the cascade's calls land (held-out text)", fontsize=10)
-    axes[1].legend(fontsize=8, loc="lower right")
-    return _save(fig, out)
+    axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
+    return fig
+
+
+def plot_regime(rows: list[dict[str, Any]], out: Path) -> Path:
+    return _save(draw_regime(rows), out)
 
 
 def plot_lock_in(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
@@ -233,16 +281,27 @@ def plot_lock_in(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", type=Path, help="training out_dirs (or metrics.jsonl files)")
+    parser.add_argument("runs", nargs="*", type=Path, help="training out_dirs (or metrics.jsonl files)")
     parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png of the first run)")
-    parser.add_argument("--smooth", type=int, default=1, help="trailing-mean window in steps")
+    parser.add_argument("--smooth", type=int, help=shorthand_help("trailing-mean window in logged steps (default 1)",
+                                                                   "smooth"))
+    parser.add_argument("--x", choices=tuple(X_AXES), help=shorthand_help(
+        "x axis: step (default) or gt_tokens, the ground-truth-gradient tokens seen", "x"))
+    parser.add_argument("--explain", action="store_true", help="list every config key of this command and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.smooth < 1:
-        raise UserError(f"--smooth is {args.smooth}; it must be at least 1")
-    runs = {str(r): read_metrics(r) for r in args.runs}
-    out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / "curves.png"
-    plot_runs(runs, out, args.smooth)
+    if args.explain:
+        print_explain(PlotConfig, "plot", SHORTHANDS)
+        return 0
+    # Positionals are runs and key=value settings: `lacy-fast plot runs/a runs/b x=gt_tokens`.
+    paths, args.overrides = split_overrides([str(r) for r in args.runs])
+    cfg = build_config(PlotConfig, args, SHORTHANDS, command="plot")
+    if not paths:
+        raise UserError("no run given; pass one or more training out_dirs")
+    runs = [Path(p) for p in paths]
+    curves = {run_label(r): read_metrics(r) for r in runs}
+    out = args.out or (runs[0] if runs[0].is_dir() else runs[0].parent) / "curves.png"
+    plot_runs(curves, out, cfg.smooth, cfg.x)
     print(out)
     return 0

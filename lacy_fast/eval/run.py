@@ -53,15 +53,16 @@ import torch
 
 from lacy_fast.cascade.big import BigModel, LacyBig, load_big
 from lacy_fast.cascade.engine import Cascade, Generation, summarize
-from lacy_fast.cascade.generate import add_cascade_arguments, cascade_config
 from lacy_fast.cascade.calibration import Calibration, calibrate
+from lacy_fast.cascade.generate import add_cascade_arguments, cascade_shorthands
 from lacy_fast.cascade.rules import make_rule, ranked_score, resolve_score
 from lacy_fast.cascade.slm import ExportedModel, load_model, resolve_device
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.data.facts import FactTable, HeldOut, Person, read_heldout
-from lacy_fast.errors import ConfigError, UserError
+from lacy_fast.errors import UserError
 from lacy_fast.eval.factscore import factscore, prompt_for, score_generation
 from lacy_fast.eval.heldout import call_stats, perplexity, score_texts
+from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
 from lacy_fast.eval.leakage import leakage
 from lacy_fast.eval.plots import plot_sweep
 from lacy_fast.eval.report import format_report
@@ -220,6 +221,9 @@ def _data(facts_path: str | Path, heldout_path: str | Path | None, people: int) 
 # -- command line ---------------------------------------------------------------------------
 
 
+SHORTHANDS = [Shorthand("--people", "people"), Shorthand("--sweep", "sweep"), *cascade_shorthands("cascade.")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvalConfig()
     parser.add_argument("--facts", type=Path, help="facts.jsonl of `lacy-fast synth` (the ground truth)")
@@ -229,28 +233,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", default="rules", help="with --knowledge: rules (no model) or hf:DIR (a local "
                         "Hugging Face causal LM judges each fact)")
     parser.add_argument("--heldout", type=Path, help="held-out texts (default: heldout.jsonl beside --facts)")
-    parser.add_argument("--people", type=int, default=d.people, help=f"held-out people evaluated (default {d.people})")
-    add_cascade_arguments(parser, d.cascade)
+    parser.add_argument("--people", type=int, help=shorthand_help(f"held-out people evaluated (default {d.people})",
+                                                                  "people"))
+    add_cascade_arguments(parser, "cascade.")
     parser.add_argument("--sweep", nargs="?", const=",".join(str(b) for b in d.sweep), metavar="B,B,...",
-                        help="also sweep the call budget and draw FactScore vs call rate (default budgets: "
-                             f"{','.join(str(b) for b in d.sweep)})")
+                        help=shorthand_help("also sweep the call budget and draw FactScore vs call rate (default "
+                                            f"budgets: {','.join(str(b) for b in d.sweep)})", "sweep"))
     parser.add_argument("--out", type=Path, help="directory for eval.json (and sweep.png with --sweep)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_config_arguments(parser, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.explain:
+        print_explain(EvalConfig, "eval", SHORTHANDS)
+        return 0
     if (args.facts is None) == (args.knowledge is None):
         raise UserError("pass one of --facts (the synthetic fact table) and --knowledge (a knowledge source of articles)")
-    cascade = cascade_config(args)
-    try:
-        budgets = tuple(float(b) for b in args.sweep.split(",") if b.strip()) if args.sweep is not None else ()
-    except ValueError:
-        raise UserError(f"--sweep {args.sweep} is not a comma-separated list of budgets, e.g. 0,0.1,0.22,0.5,1")
-    try:
-        cfg = EvalConfig(people=args.people, cascade=cascade, **({"sweep": budgets} if budgets else {}))
-    except ConfigError as err:
-        raise UserError(f"--{err.key.replace('_', '-')} {err.detail}")
+    if not args.slm:
+        raise UserError("no SLM given; pass --slm OUT/export (or a run's out_dir)")
+    sweep_given = args.sweep is not None or any(o.strip().startswith("sweep=") for o in args.overrides or ())
+    if args.sweep is not None:
+        try:
+            args.sweep = [float(b) for b in args.sweep.split(",") if b.strip()] or None
+        except ValueError:
+            raise UserError(f"--sweep {args.sweep} is not a comma-separated list of budgets, e.g. 0,0.1,0.22,0.5,1")
+    cfg = build_config(EvalConfig, args, SHORTHANDS, command="eval")
+    args.sweep = ",".join(map(str, cfg.sweep)) if sweep_given else None
+    cascade = cfg.cascade
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; pass a directory")
     if args.out is not None:

@@ -159,7 +159,10 @@ def load_export(path: str | Path, device: torch.device | str = "cpu",
         raise UserError(f"model export {path} is damaged: {problem}; rerun the `lacy-fast train` command of its run, "
                         "which rewrites OUT/export from the newest checkpoint, or export it again")
     try:
-        cfg = from_dict(ModelConfig, meta["model"])
+        model_fields = dict(meta["model"])
+        if "preset" in model_fields:  # exports written before model.preset was renamed model.shape
+            model_fields["shape"] = model_fields.pop("preset")
+        cfg = from_dict(ModelConfig, model_fields)
     except (ConfigError, KeyError, TypeError) as err:
         raise UserError(f"{path}/config.json has a bad model config ({err}); the export is damaged")
     model = GPT(cfg)

@@ -9,7 +9,7 @@ The rule is by exclusion, so that a new config field is safe by default: every l
 ``RunConfig`` is part of the identity unless ``MAY_CHANGE`` lists it, with the reason. Some
 keys are compared through what they resolve to, not as written:
 
-- ``model.*``: the resolved shape (a preset name and the same shape spelled out match);
+- ``model.*``: the resolved shape (a shape name and the same shape spelled out match);
   ``model.vocab_size`` is the tokenizer's.
 - ``train.precision``: the precision the run resolved (``auto`` is bf16 or fp32).
 - ``data.path``: for prepared shards, the data's content (a digest of its ``prepare.json``
@@ -59,7 +59,11 @@ MAY_CHANGE: dict[str, str] = {
     "train.probe": "a measurement: the probe never changes a step",
     "train.probe_every": "a measurement's cadence",
     "train.track_selection": "a measurement: persistence is read from the selection, never fed back",
-    "model.preset": "compared through the resolved shape (model.n_layer, ...)",
+    "model.shape": "compared through the resolved shape (model.n_layer, ...)",
+    "train.tensorboard": "logging",
+    "train.wandb": "logging",
+    "train.wandb_project": "logging",
+    "train.init_from": "only the weights a new run starts from; a resumed run loads its checkpoint's",
     "model.attention": "speed: flash-attn and SDPA compute the same attention",
     "objective.impl": "speed: every implementation computes the same loss",
     "data.workers": "speed: prefetch worker processes",
@@ -141,13 +145,24 @@ def run_identity(cfg: RunConfig, *, model: ModelConfig, precision: str, call_rat
     return json.loads(json.dumps(identity))  # tuples as lists, as they come back from lacy.json
 
 
-def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Path, out_dir: Path) -> None:
-    """Refuse to resume ``checkpoint`` when a setting of its identity differs, naming the key."""
+# Keys compared through a digest of what a path holds: a refusal names the paths instead.
+_BY_CONTENT = {"data.path": "the prepared data (its prepare.json settings or its token counts)",
+               "objective.ref_checkpoint": "the reference model (its export's config.json)"}
+
+
+def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Path, out_dir: Path,
+                 paths: dict[str, str | None] | None = None) -> None:
+    """Refuse to resume ``checkpoint`` when a setting of its identity differs, naming the key.
+
+    ``paths``: this run's path of each key compared by content (``data.path``...); the
+    checkpoint's comes from ``out_dir/config.json``, which the run that wrote it left."""
     if saved is None:
         raise UserError(f"{checkpoint} was written by an older lacy-fast that did not record the run's settings, so "
                         "it cannot be resumed safely; start a new out_dir")
     for key in sorted(set(saved) | set(now), key=_order(now)):
         if saved.get(key) != now.get(key):
+            if key in _BY_CONTENT and paths is not None and key in paths:
+                raise _content_differs(key, _saved_path(out_dir, key), paths[key], out_dir)
             raise UserError(
                 f"{out_dir} holds a checkpoint trained with {key}={_show(saved.get(key))}, but this run has "
                 f"{key}={_show(now.get(key))}; resume with the settings it was trained with ({out_dir}/config.json), "
@@ -161,3 +176,25 @@ def _order(now: dict[str, Any]):
 
 def _show(value: Any) -> str:
     return "unset" if value is None else repr(value)
+
+
+def _saved_path(out_dir: Path, key: str) -> str | None:
+    """The path ``key`` had in the run that wrote out_dir's config.json (None: unknown)."""
+    try:
+        node: Any = json.loads((out_dir / "config.json").read_text())
+        for part in key.split("."):
+            node = node[part]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return node if isinstance(node, str) else None
+
+
+def _content_differs(key: str, before: str | None, now: str | None, out_dir: Path) -> UserError:
+    what = _BY_CONTENT[key]
+    if before is not None and now is not None and Path(before).resolve() == Path(now).resolve():
+        return UserError(f"{out_dir} holds a checkpoint trained on {key}={before}, but {before} now holds other "
+                         f"content ({what} changed since); resume on the data it was trained on, or use a new out_dir")
+    was = f"{key}={before}" if before is not None else f"another {key}"
+    return UserError(f"{out_dir} holds a checkpoint trained on {was}, but this run has {key}={now if now is not None else 'unset'}, which "
+                     f"holds other content ({what} differ); resume with {key}={before or 'the one it was trained on'}"
+                     f" ({out_dir}/config.json), or use a new out_dir")

@@ -68,6 +68,7 @@ from lacy_fast.fileio import write_json
 from lacy_fast.kernels import selection_bound
 from lacy_fast.method import RANK_ALL, Targets, ground_truth_count, selected_count, selection_fraction
 from lacy_fast.progress import Progress, human
+from lacy_fast.train.banner import Startup, banner_lines, strategy_note
 from lacy_fast.train.metrics import MetricsWriter, mfu, peak_memory_bytes, peak_tflops
 from lacy_fast.train.memory import check_fits
 from lacy_fast.train.probes import Probe, SelectionTracker
@@ -359,14 +360,16 @@ def _lr_warning_filter(record) -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, *, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, *, progress: bool = True, fresh: bool = False, banner: bool | None = None) -> dict[str, Any]:
     """Train (or resume) ``cfg``; returns a summary (final step, tokens, last metrics).
-    ``fresh``: delete an earlier run's checkpoints, export and metrics in out_dir first."""
+    ``fresh``: delete an earlier run's checkpoints, export and metrics in out_dir first;
+    ``banner``: print what the run is about to do (default: when ``progress``)."""
     _select_accelerator()
     _quiet_deepspeed()
     d = setup_distributed()
     try:
         trainer = Trainer(cfg, d, progress=progress, fresh=fresh)
+        trainer.show_banner = progress if banner is None else banner
         try:
             return trainer.run()
         finally:
@@ -380,6 +383,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, d: Dist, *, progress: bool = True, fresh: bool = False):
         self.cfg, self.d, self.progress, self.fresh = cfg, d, progress, fresh
+        self.show_banner = progress
         self.out = Path(cfg.out_dir)
         self.lock = None
         self.batches = None
@@ -404,9 +408,11 @@ class Trainer:
         cfg, d = self.cfg, self.d
         t = cfg.train
         self.precision = _precision(cfg, d.device)
+        startup = Startup(d.is_main and self.progress)
 
         # Data, tokenizer, and the objective as this data resolves it.
         check_judge_labels(cfg)
+        startup.stage(f"opening the data ({cfg.data.path if cfg.data.source == 'shards' else 'online labeling'})")
         self.source = _data_source(cfg, d)
         self.tokenizer = tok = self.source.tokenizer
         self.rule: Targets = self.source.targets
@@ -436,11 +442,19 @@ class Trainer:
         self.resume_tag = self.ckpt.resume_tag(self.d.control)  # verified, or an older one that verifies
         if self.resume_tag is not None:
             check_resume(self.ckpt.meta(self.resume_tag).get("identity"), self.identity,
-                         self.ckpt.dir / self.resume_tag, self.out)
+                         self.ckpt.dir / self.resume_tag, self.out,
+                         paths={"data.path": cfg.data.path, "objective.ref_checkpoint": cfg.objective.ref_checkpoint})
 
+        startup.stage(f"building the model ({self.model_cfg.shape} shape)")
         torch.manual_seed(t.seed)
         check_fits(self.model_cfg, cfg.zero_stage, d.world, d.device)
         self.model = GPT(self.model_cfg)
+        self.init_note = None
+        if self.resume_tag is None and t.init_from:
+            from lacy_fast.train.init_from import load_initial_weights
+
+            startup.stage(f"loading the initial weights from {t.init_from}")
+            self.init_note = load_initial_weights(self.model, t.init_from, tok.sha256)
         self.module = LacyLM(self.model, o, tok.call_id)
         if cfg.zero_stage == 3:  # the loss reads the tied head outside the embedding's forward
             deepspeed.zero.register_external_parameter(self.module, self.model.wte.weight)
@@ -450,6 +464,7 @@ class Trainer:
         self.t = t
         self.run_cfg = dataclasses.replace(cfg, train=t)
         ds_cfg = deepspeed_config(self.run_cfg, world_size=d.world, precision=self.precision)
+        startup.stage("starting DeepSpeed")
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, config=ds_cfg,
                                                     model_parameters=_param_groups(self.module, t.weight_decay))
         if t.compile:
@@ -458,13 +473,15 @@ class Trainer:
         self.step_no, self.gt_tokens, self.data_state = 0, 0, None
         self.last_saved: int | None = None
         if self.resume_tag is not None:
+            startup.stage(f"loading checkpoint {self.resume_tag}")
             self._resume()
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", {**to_dict(self.run_cfg), "resolved": {
                 "precision": self.precision, "world_size": d.world, "model": to_dict(self.model_cfg),
                 "call_rate": self.call_rate}})
-        self.writer = MetricsWriter(self.out, d.is_main, self.step_no)
+        self.writer = MetricsWriter(self.out, d.is_main, self.step_no, tensorboard=t.tensorboard,
+                                    wandb=(t.wandb_project, to_dict(self.run_cfg)) if t.wandb else None)
         self.guard = FiniteGuard(d.device)
         self.own_norm = cfg.zero_stage == 0 and self.precision == "fp32"
         self.grads_of = [p for p in self.module.parameters() if p.requires_grad]
@@ -475,6 +492,24 @@ class Trainer:
         self.last_row: dict[str, Any] = {}
         self.interval_start, self.interval_wait = time.perf_counter(), 0.0
         self.profiler = _profiler(t, self.out, d) if t.profile_steps > 0 else None
+
+    def banner(self) -> list[str]:
+        """What the run is about to do (``banner.py``), printed by rank 0 before the first step."""
+        stats = None
+        if self.cfg.data.source == "shards" and self.cfg.data.path:
+            try:
+                stats = json.loads((Path(self.cfg.data.path) / "stats.json").read_text())
+            except (OSError, ValueError):
+                stats = None
+        t = self.t
+        steps = min(t.max_steps, t.lr_decay_steps) if t.max_gt_tokens > 0 else t.max_steps
+        start = (f"resuming from step {self.step_no}" if self.resume_tag is not None else
+                 self.init_note or "a new run from random weights")
+        return banner_lines(
+            cfg=self.run_cfg, out=self.out, shape=self.model_cfg.shape, model_cfg=self.model_cfg,
+            params=self.model.num_params(), strategy_note=strategy_note(self.objective, self.call_rate),
+            world=self.d.world, device=str(self.d.device), precision=self.precision, steps=steps,
+            data_stats=stats, start_note=start, logging_note=self.writer.describe())
 
     def _reference_model(self):
         """The frozen reference export of strategy rho (and its metadata), else (None, None)."""
@@ -609,6 +644,8 @@ class Trainer:
 
         from lacy_fast.data.loader import Background
 
+        if d.is_main and self.show_banner:
+            print("\n".join(self.banner()), flush=True)
         self.batches = Background(self.source.batches(self.step_no, self.data_state), self.cfg.data.queue_depth)
         signals = _Signals()
         # Under a token budget the run ends near the schedule's estimated length, not max_steps.
@@ -842,12 +879,12 @@ def _profiler(t, out: Path, d: Dist):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help="a preset name (tiny, gpt2-124m, lacy-334m, lacy-1.3b) "
-                                                         "or a TOML file")
+    parser.add_argument("--config", default="tiny", help="a run file: a built-in one (tiny, gpt2-124m, lacy-334m, "
+                        "lacy-1.3b) or a TOML file; model sizes are model.shape=NAME, not run files")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     parser.add_argument("--explain", action="store_true", help="list every config key with its default and meaning "
                         "(with a config and data.path: also what objective.call_rate resolves to)")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--quiet", action="store_true", help="no progress or start-up lines (the banner stays)")
     parser.add_argument("--fresh", action="store_true", help="start over: delete the checkpoints, export and metrics "
                         "an earlier run left in out_dir (without it, a rerun resumes)")
 
@@ -860,7 +897,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     with disk_full_is_user_error(cfg.out_dir):
-        train(cfg, progress=not args.quiet, fresh=args.fresh)
+        train(cfg, progress=not args.quiet, fresh=args.fresh, banner=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Training metrics: MFU, the per-step metrics.jsonl, TensorBoard when installed.
+"""Training metrics: MFU, the per-step metrics.jsonl, TensorBoard when installed, W&B when asked.
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s, with
 the model's FLOPs from ``GPT.estimate_flops_per_token`` (6N + 12LHQT per token, forward +
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_text
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' data sheets: (bf16, fp32).
@@ -79,10 +80,13 @@ class MetricsWriter:
     twice.
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int, tensorboard: bool = True,
+                 wandb: tuple[str, dict[str, Any]] | None = None):
         self.path = out_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.wandb = None
+        self.tb_state = "off (train.tensorboard=false)" if not tensorboard else "on"
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,10 +94,20 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
             except ImportError:  # tensorboard is an optional extra
-                self.tb = None
+                self.tb_state = "off (not installed: pip install lacy-fast[tensorboard])"
+            else:
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step or None)
+                self.tb_state = f"on ({out_dir / 'tensorboard'})"
+        if wandb is not None:
+            self.wandb = _start_wandb(out_dir, *wandb)
+
+    def describe(self) -> str:
+        """The loggers, for the banner: TensorBoard on, off or not installed; W&B on or off."""
+        if not self.enabled:
+            return ""
+        return f"TensorBoard {self.tb_state}; W&B " + (f"on ({self.wandb.name})" if self.wandb is not None else
+                                                         "off (train.wandb=true to log there)")
 
     def _truncate(self, resume_step: int) -> None:
         if not self.path.exists():
@@ -119,10 +133,35 @@ class MetricsWriter:
                     if key != "step" and isinstance(value, (int, float)) and value is not None:
                         self.tb.add_scalar(f"train/{key}", value, row["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            for row in rows:
+                self.wandb.log({f"train/{k}": v for k, v in row.items()
+                                if k != "step" and isinstance(v, (int, float)) and v is not None}, step=row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(out_dir: Path, project: str, config: dict[str, Any]):
+    """A Weights & Biases run named after out_dir (imported only when train.wandb is set)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train.wandb=true needs the wandb package; pip install wandb (and wandb login), or set "
+                        "train.wandb=false")
+    return wandb.init(project=project, name=out_dir.name, dir=str(out_dir), config=config, resume="allow",
+                      id=_wandb_id(out_dir))
+
+
+def _wandb_id(out_dir: Path) -> str:
+    """A W&B run id fixed by out_dir, so a resumed run continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:16]
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
