@@ -108,9 +108,10 @@ def _above(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
 
 def curve_lines(by: Rows, seeds: int) -> list[str]:
     """curve_area of every cascade row, and each LaCy-family row against the plain LM's."""
-    rows = {s: r for s, r in _mode(by, "cascade").items() if r.get("curve_area") is not None}
+    cascades = _mode(by, "cascade")
+    rows = {s: r for s, r in cascades.items() if r.get("curve_area") is not None}
     if not rows:
-        return []
+        return ["- No row has a curve area: at some budget, some seed's generations stated no fact."] if cascades else []
     out = ["- Mean FactScore over the budgets 5% to 50% (`curve_area`): " + ", ".join(
         f"`{s}` {fmt(r, 'curve_area')}" for s, r in sorted(rows.items(), key=lambda kv: -kv[1]["curve_area"])) + "."]
     rates = []

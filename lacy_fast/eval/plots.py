@@ -103,8 +103,12 @@ def _pyplot():
 
 
 def _colors(names: list[str]) -> dict[str, str]:
-    """One colour per name, the same in every panel (a panel may lack some names)."""
-    cycle = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    """One colour per name, the same in every panel (a panel may lack some names); past the
+    default cycle's ten colours, tab20's twenty, so no two of up to twenty names share one."""
+    plt = _pyplot()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(names) > len(cycle):
+        cycle = [plt.get_cmap("tab20")(i) for i in range(20)]
     return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
 
 
@@ -195,7 +199,8 @@ def plot_budget_curve(curves: dict[str, list[list[dict[str, Any]]]], out: Path) 
     axes[0].set_title("FactScore at each call budget" + (f" (band: ± 1 sd over {seeds} seeds)" if seeds > 1 else ""),
                       fontsize=10)
     axes[0].set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     top = max((p["budget"] for v in curves.values() for points in v for p in points), default=1.0)
     axes[1].plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--")
     axes[1].set_title("realised call rate", fontsize=10)
