@@ -325,7 +325,8 @@ class TrainConfig(Config):
     profile_steps: int = doc(0, "steps traced by torch.profiler (0: no trace)")
     probe: str = doc("", "a `lacy-fast prepare` directory (the training data's tokenizer) whose ground-truth nll, "
                          "overall and on fact targets, and p(<CALL>) on facts are measured every probe_every steps "
-                         "(metrics.jsonl: probe_nll, probe_fact_nll, probe_p_call); empty: no probe")
+                         "(metrics.jsonl: probe_nll, probe_fact_nll, probe_p_call, probe_call_rate, and probe_judge_nll "
+                         "where it has judge labels): a held-out slice makes it the validation loss; empty: no probe")
     probe_every: int = doc(100, "steps between probe measurements (and one at the last step)")
     track_selection: bool = doc(True, "log selection_persistence and selection_chance for the ranked strategies "
                                       "(one byte of host memory per corpus token, up to 2^30 tokens)")

@@ -21,14 +21,18 @@ from lacy_fast.train.probes import SelectionTracker
 from test_train import metrics, train
 
 
+def prepared(root: Path, people: int, seed: int, vocab: int) -> Path:
+    """A synthetic corpus of ``people`` prepared with a ``vocab``-piece tokenizer."""
+    synth.write(root / "synth", people, seed=seed)
+    prepare(PrepareConfig(inputs=(str(root / "synth" / "corpus.jsonl"),), out=str(root / "prep"), workers=1,
+                          tokenizer=TokenizerConfig(vocab_size=vocab)), progress=False)
+    return root / "prep"
+
+
 @pytest.fixture(scope="module")
 def few(tmp_path_factory) -> Path:
     """A corpus small enough that a short run passes over it several times."""
-    root = tmp_path_factory.mktemp("few-data")
-    synth.write(root / "synth", 24, seed=5)
-    prepare(PrepareConfig(inputs=(str(root / "synth" / "corpus.jsonl"),), out=str(root / "prep"), workers=1,
-                          tokenizer=TokenizerConfig(vocab_size=400)), progress=False)
-    return root / "prep"
+    return prepared(tmp_path_factory.mktemp("few-data"), 24, seed=5, vocab=400)
 
 
 def epoch_steps(data: Path, seq_len: int = 64, batch: int = 4) -> int:
@@ -102,7 +106,7 @@ def test_persistence_and_the_probe_are_logged(few, tmp_path):
     probed = [r for r in rows if "probe_fact_nll" in r]
     assert [r["step"] for r in probed] == sorted({*range(5, steps + 1, 5), steps})
     assert probed[-1]["probe_nll"] < probed[0]["probe_nll"]  # the model learned its own corpus
-    assert all(0.0 < r["probe_p_call"] < 1.0 for r in probed)
+    assert all(0.0 < r["probe_p_call"] < 1.0 and 0.0 <= r["probe_call_rate"] <= 1.0 for r in probed)
     none = tmp_path / "none"
     train(none, few, "train.max_steps=4", "objective.strategy=none")
     assert not any("selection_persistence" in r for r in metrics(none))  # ranked strategies only
@@ -115,11 +119,7 @@ def test_probe_on_another_tokenizer_is_refused(few, data_other_tokenizer, tmp_pa
 
 @pytest.fixture(scope="module")
 def data_other_tokenizer(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("other-tok")
-    synth.write(root / "synth", 12, seed=9)
-    prepare(PrepareConfig(inputs=(str(root / "synth" / "corpus.jsonl"),), out=str(root / "prep"), workers=1,
-                          tokenizer=TokenizerConfig(vocab_size=360)), progress=False)
-    return root / "prep"
+    return prepared(tmp_path_factory.mktemp("other-tok"), 12, seed=9, vocab=360)
 
 
 def test_reference_sidecar_equals_the_reference_on_each_document(few, tmp_path):

@@ -103,13 +103,14 @@ class Probe:
 
     @torch.no_grad()
     def measure(self, model, call_id: int, device: torch.device, batch: int = 8) -> dict[str, float]:
-        """probe_nll, probe_fact_nll, probe_p_call (mean p(<CALL>) on fact targets) of ``model``,
-        and probe_judge_nll where the probe has judge labels."""
+        """probe_nll, probe_fact_nll, probe_p_call (mean p(<CALL>) on fact targets),
+        probe_call_rate (share of targets where p(<CALL>) > 0.5, so <CALL> is the most likely
+        token) of ``model``, and probe_judge_nll where the probe has judge labels."""
         from lacy_fast.kernels import lacy_linear_cross_entropy
 
         was_training = model.training
         model.eval()
-        sums = torch.zeros(7, dtype=torch.float64)  # nll, n, fact nll, n facts, p_call on facts, judge nll, n
+        sums = torch.zeros(8, dtype=torch.float64)  # nll, n, fact nll, n facts, p_call on facts, judge nll, n, calls
         try:
             for start in range(0, len(self.idx), batch):
                 part = slice(start, start + batch)
@@ -122,12 +123,12 @@ class Probe:
                 judge = valid & ((flags & FLAG_JUDGE) != 0)
                 nll, p_call = stats["nll"].double().cpu(), stats["p_call"].double().cpu()
                 sums += torch.stack([nll[valid].sum(), valid.sum(), nll[fact].sum(), fact.sum(), p_call[fact].sum(),
-                                     nll[judge].sum(), judge.sum()])
+                                     nll[judge].sum(), judge.sum(), (valid & (p_call > 0.5)).sum()])
         finally:
             model.train(was_training)
-        nll, n, fact_nll, n_fact, p_call, judge_nll, n_judge = sums.tolist()
+        nll, n, fact_nll, n_fact, p_call, judge_nll, n_judge, calls = sums.tolist()
         out = {"probe_nll": nll / max(n, 1), "probe_fact_nll": fact_nll / max(n_fact, 1),
-               "probe_p_call": p_call / max(n_fact, 1)}
+               "probe_p_call": p_call / max(n_fact, 1), "probe_call_rate": calls / max(n, 1)}
         if n_judge:
             out["probe_judge_nll"] = judge_nll / n_judge
         return out
