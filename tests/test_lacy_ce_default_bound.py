@@ -46,7 +46,7 @@ def bounds_seen(bounds: list):
     real = op._lacy_ce
 
     def spy(*args):
-        bounds.append(args[10])
+        bounds.append(args[12])
         return real(*args)
 
     op._lacy_ce = spy

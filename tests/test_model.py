@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lacy_fast.config import ModelConfig
 from lacy_fast.errors import UserError
+from lacy_fast.fileio import write_manifest
 from lacy_fast.model import GPT, padded_vocab_size
 from lacy_fast.model.io import load_export, save_export
 from test_data_tokenizer import train_small
@@ -135,10 +136,12 @@ def test_damaged_or_foreign_exports_are_refused(tmp_path):
     meta = config["lacy_fast"]
     meta["model"]["d_model"] = 64
     (out / "config.json").write_text(json.dumps(config))
+    write_manifest(out)  # consistent checksums: the config check itself speaks
     with pytest.raises(UserError, match="does not match its config.json"):
         load_export(out)
     meta["version"] = 99
     (out / "config.json").write_text(json.dumps(config))
+    write_manifest(out)
     with pytest.raises(UserError, match="version 99"):
         load_export(out)
 
@@ -157,7 +160,7 @@ def test_a_file_or_a_run_without_export_is_named_for_what_it_is(tmp_path):
     (run / "config.json").write_text(json.dumps({"out_dir": str(run), "train": {}}))
     with pytest.raises(UserError) as info:
         load_export(run)
-    assert "is a training run that has no export yet" in str(info.value) and "None" not in str(info.value)
+    assert "is a training run without an export" in str(info.value) and "None" not in str(info.value)
 
 
 def test_flash_backend_without_flash_attn_is_a_user_error():

@@ -176,6 +176,9 @@ def test_exports_written_with_model_preset_still_load(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["lacy_fast"]["model"]["preset"] = config["lacy_fast"]["model"].pop("shape")  # as older versions wrote
     (path / "config.json").write_text(json.dumps(config))
+    from lacy_fast.fileio import write_manifest
+
+    write_manifest(path)  # an older version wrote no manifest; a consistent one lets the shape check speak
     loaded, _ = load_export(path)
     assert loaded.cfg.shape == "tiny" and loaded.cfg.d_model == 16
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
