@@ -112,11 +112,12 @@ class Probe:
         model.eval()
         sums = torch.zeros(8, dtype=torch.float64)  # nll, n, fact nll, n facts, p_call on facts, judge nll, n, calls
         try:
+            head = model.head_weight.float()  # (V, C) once, not per batch
             for start in range(0, len(self.idx), batch):
                 part = slice(start, start + batch)
                 targets, flags = self.targets[part].flatten(), self.flags[part].flatten()
                 hidden = model(self.idx[part].to(device)).flatten(0, 1)  # (B*T, C)
-                _, stats = lacy_linear_cross_entropy(hidden.float(), model.head_weight.float(), targets.to(device),
+                _, stats = lacy_linear_cross_entropy(hidden.float(), head, targets.to(device),
                                                      flags.to(device), call_id, strategy="none")
                 valid = self.rule.valid(targets)
                 fact = valid & ((flags & FLAG_FACT) != 0)
