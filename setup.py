@@ -110,7 +110,7 @@ setup(
         # kept for `pip install lacy-fast[hf]` commands that name it; transformers is required now
         "hf": [],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12"],
     },
     entry_points={"console_scripts": ["lacy-fast = lacy_fast.cli:main"]},
 )

@@ -12,40 +12,14 @@ from lacy_fast.cascade import (ArgmaxRule, BudgetRule, Cascade, LacyBig, NeverRu
                                load_big, load_model)
 from lacy_fast.cascade.rules import call_scores, ranked_score
 from lacy_fast.cascade.slm import ExportedModel, context_ids, encode_continuation, unfinished_bytes
-from lacy_fast.config import CascadeConfig, ModelConfig
+from lacy_fast.config import CascadeConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
 from lacy_fast.eval.facts import FactTable
-from lacy_fast.model import GPT
-from lacy_fast.model.io import save_export
-from test_data_tokenizer import train_small
+from helpers import export, tiny_gpt, train_small
 
 PROMPTS = ["Thynoxine Nahoxski", "Anna", "By profession, she was a"]
 THRESHOLD = 0.05  # p(CALL) of tiny_gpt spans ~1e-6..0.4: some steps call, most do not
-
-
-# -- shared builders (test_eval.py uses them too) ------------------------------------------
-
-
-
-def tiny_gpt(tok, seed=0, d_model=32, n_layer=1, max_seq_len=128, call_scale=30.0) -> GPT:
-    """A random GPT whose <CALL> logit varies more than the others, so <CALL> is the argmax at
-    roughly a third of positions: every rule sees both outcomes."""
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(shape="tiny", n_layer=n_layer, n_head=2, d_model=d_model, max_seq_len=max_seq_len,
-                            vocab_size=tok.vocab_size))
-    with torch.no_grad():
-        model.wte.weight[tok.call_id] *= call_scale
-    return model.eval()
-
-
-def export(path, model, tok):
-    return save_export(path, model, tokenizer_path=tok.path, tokenizer_sha256=tok.sha256, call_id=tok.call_id)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_small(tmp_path_factory.mktemp("tok"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from lacy_fast.data import native
 from lacy_fast.data.labeling import (FLAG_FACT, FactLabeler, LabelStats, agreement, load_spacy, project,
                                      project_numpy)
 from lacy_fast.data.synth import generate
-from test_data_tokenizer import train_small
+from helpers import train_small
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native helpers not loaded: {native.load_error}")
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lacy_fast.config import TokenizerConfig
 from lacy_fast.data.synth import generate
 from lacy_fast.data.tokenizer import CALL_ID, EOS_ID, Tokenizer
 from lacy_fast.errors import UserError
+from helpers import train_small
 
 TRICKY = [
     "Zürich  is \n\nbig: 1,234.5 O'Neil-Smith 😀 <CALL> 北京",
@@ -19,12 +19,6 @@ TRICKY = [
     "Kowalska-Wiśniewska Przybyszewski",
     "",
 ]
-
-
-def train_small(directory, seed: int) -> Tokenizer:
-    """A 400-piece tokenizer of 300 synthetic biographies (other data test files use it too)."""
-    texts = [ts[0] for _, ts, _ in generate(300, seed=seed, heldout=0.0)]
-    return Tokenizer.train(texts, TokenizerConfig(vocab_size=400), directory / "t.model")
 
 
 @pytest.fixture(scope="module")

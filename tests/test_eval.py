@@ -23,8 +23,7 @@ from lacy_fast.eval.leakage import leakage, leaks
 from lacy_fast.eval.plots import plot_sweep
 from lacy_fast.eval.report import format_table
 from lacy_fast.eval.run import evaluate, sweep
-from test_cascade import export, tiny_gpt
-from test_data_tokenizer import train_small
+from helpers import export, tiny_gpt
 
 # -- the extractor and the scores, by hand ---------------------------------------------------
 
@@ -137,11 +136,6 @@ def data(tmp_path_factory):
     keep = [r for r in rows if r["text"].startswith(table.by_id[r["id"]].name)][:4]
     (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     return out
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_small(tmp_path_factory.mktemp("tok"), seed=0)
 
 
 def train(tok, texts, spans_of, steps, call_facts):

@@ -11,7 +11,6 @@ from lacy_fast.cascade import LacyBig, load_model
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.data import synth
 from lacy_fast.data.facts import FactTable, read_heldout
-from lacy_fast.data.labeling import load_spacy
 from lacy_fast.errors import UserError
 from lacy_fast.eval.claims import Date, Evidence, extract_claims, find_dates, find_numbers
 from lacy_fast.eval.factscore import factscore
@@ -19,19 +18,13 @@ from lacy_fast.eval.judges import HFJudge, RuleJudge
 from lacy_fast.eval.knowledge import KnowledgeBase, split_passages
 from lacy_fast.eval.knowledge_eval import evaluate_knowledge
 from lacy_fast.eval.sources import KnowledgeSource, open_source
-from test_cascade import export, tiny_gpt
-from test_data_tokenizer import train_small
+from helpers import export, tiny_gpt
 
 ANNA = ("Anna Tolk (born 12 March 1950 in Tolmere) is a Brasken marine biologist who lives in Gravholm. She studied "
         "at the University of Brask and worked for Orn Systems from 1975 to 1990.\n\nShe has two children and married "
         "Boris A. Vell in 1980. Her book sold 1,200,000 copies.")
 BORIS = "Boris Vell (born 3 May 1901 in Gravholm) is an engineer at Helm Industries. He lives in Strin."
 KB_ROWS = [{"title": "Anna Tolk", "text": ANNA}, {"title": "Boris Vell", "text": BORIS}]
-
-
-@pytest.fixture(scope="module")
-def nlp():
-    return load_spacy(full=True)
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +206,9 @@ def always(token, vocab_size, tok_dir, directory, n_positions):
     return directory
 
 
-def test_hf_judge_reads_its_verdict_from_the_true_false_logits(kb_path, tmp_path, nlp):
+def test_hf_judge_reads_its_verdict_from_the_true_false_logits(kb_path, tmp_path, nlp, tok):
     from transformers import AutoTokenizer
 
-    tok = train_small(tmp_path, seed=0)
     tok_dir = export(tmp_path / "slm", tiny_gpt(tok), tok)  # an export carries a Hugging Face tokenizer
     hf_tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     text = "Anna Tolk was born in 1950 in Brask. She has nine children."
@@ -241,7 +233,7 @@ def test_hf_judge_reads_its_verdict_from_the_true_false_logits(kb_path, tmp_path
 
 
 @pytest.mark.slow
-def test_eval_knowledge_alone_and_in_cascade(tmp_path, capsys):
+def test_eval_knowledge_alone_and_in_cascade(tmp_path, capsys, tok):
     from test_eval import train
 
     synth.write(tmp_path, 200, seed=0)
@@ -250,7 +242,6 @@ def test_eval_knowledge_alone_and_in_cascade(tmp_path, capsys):
     rows = [r for r in rows if r["text"].startswith(table.by_id[r["id"]].name)][:3]
     kb = tmp_path / "kb.jsonl"
     kb.write_text("".join(json.dumps({"title": table.by_id[r["id"]].name, "text": r["text"]}) + "\n" for r in rows))
-    tok = train_small(tmp_path, seed=0)
     memoriser = load_model(export(tmp_path / "memoriser", train(tok, [r["text"] for r in rows], [[]] * 3, 150, False),
                                   tok))
     random = load_model(export(tmp_path / "random", tiny_gpt(tok, d_model=64, n_layer=2, max_seq_len=512), tok))

@@ -22,8 +22,8 @@ from lacy_fast.fileio import write_manifest
 from lacy_fast.errors import UserError
 from lacy_fast.model import GPT
 from lacy_fast.model.io import load_export, read_export_meta
-from test_cascade import export, tiny_gpt
-from test_data_tokenizer import TRICKY, train_small
+from helpers import export, tiny_gpt, train_small
+from test_data_tokenizer import TRICKY
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402

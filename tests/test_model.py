@@ -11,7 +11,6 @@ from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_manifest
 from lacy_fast.model import GPT, padded_vocab_size
 from lacy_fast.model.io import load_export, save_export
-from test_data_tokenizer import train_small
 
 
 def tiny(vocab=211, **kw) -> GPT:
@@ -107,14 +106,13 @@ def test_preset_sizes_match_the_paper(preset, vocab, low, high):
     assert low < model.num_params() < high
 
 
-def test_export_round_trip(tmp_path):
+def test_export_round_trip(tmp_path, tok):
     model = tiny()
-    tok = train_small(tmp_path, seed=0).path
-    out = save_export(tmp_path / "export", model, tokenizer_path=tok, tokenizer_sha256="ab", call_id=3,
+    out = save_export(tmp_path / "export", model, tokenizer_path=tok.path, tokenizer_sha256="ab", call_id=3,
                       train_config={"train": {"lr": 1.0}}, extra={"step": 7})
     loaded, meta = load_export(out)
     assert meta["call_id"] == 3 and meta["step"] == 7 and meta["tokenizer_sha256"] == "ab"
-    assert (out / "tokenizer.model").read_bytes() == tok.read_bytes()
+    assert (out / "tokenizer.model").read_bytes() == tok.path.read_bytes()
     assert json.loads((out / "train_config.json").read_text()) == {"train": {"lr": 1.0}}
     fake = tmp_path / "fake.model"
     fake.write_bytes(b"fake tokenizer bytes")

@@ -8,25 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from lacy_fast.config import PrepareConfig, RunConfig, TokenizerConfig, load_config
-from lacy_fast.data import synth
+from lacy_fast.config import RunConfig, load_config
 from lacy_fast.data.loader import ShardBatches
-from lacy_fast.data.prepare import prepare
 from lacy_fast.data.shards import ShardSet
 from lacy_fast.errors import UserError
 from lacy_fast.method import Targets
 from lacy_fast.model.io import load_export
 from lacy_fast.train.objective import reference_nll, write_reference_sidecars
 from lacy_fast.train.probes import SelectionTracker
-from test_train import metrics, train
-
-
-def prepared(root: Path, people: int, seed: int, vocab: int) -> Path:
-    """A synthetic corpus of ``people`` prepared with a ``vocab``-piece tokenizer."""
-    synth.write(root / "synth", people, seed=seed)
-    prepare(PrepareConfig(inputs=(str(root / "synth" / "corpus.jsonl"),), out=str(root / "prep"), workers=1,
-                          tokenizer=TokenizerConfig(vocab_size=vocab)), progress=False)
-    return root / "prep"
+from helpers import metrics, prepared, train
 
 
 @pytest.fixture(scope="module")

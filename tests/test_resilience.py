@@ -21,10 +21,8 @@ from lacy_fast.fileio import MANIFEST, manifest_problem, write_manifest
 from lacy_fast.model.io import load_export, read_export_meta
 from lacy_fast.train.checkpoint import Checkpointer
 
-from test_cascade import export, tiny_gpt
-from test_data_tokenizer import train_small
-from test_factscore_kb import kb_path, nlp, source  # noqa: F401  (fixtures)
-from test_train import SMALL, data, metrics, train  # noqa: F401  (data: the fixture)
+from helpers import SMALL, export, metrics, tiny_gpt, train, train_small
+from test_factscore_kb import kb_path, source  # noqa: F401  (fixtures)
 
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -438,10 +436,8 @@ def test_case7_the_estimate_counts_every_parameter_and_zero_partitions(monkeypat
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    tok = train_small(root, seed=0)
-    return export(root / "export", tiny_gpt(tok), tok)
+def tiny_export(tmp_path_factory, tok) -> Path:
+    return export(tmp_path_factory.mktemp("export") / "export", tiny_gpt(tok), tok)
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])

@@ -10,40 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lacy_fast.config import PrepareConfig, ReaderConfig, TokenizerConfig
-from lacy_fast.data import synth
-from lacy_fast.data.prepare import prepare
 from lacy_fast.model.io import load_export
-
-CLI = [sys.executable, "-m", "lacy_fast.cli"]
-# Small and quick: 64-token sequences of a 512-piece vocabulary, tiny model.
-SMALL = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "train.seq_len=64", "train.micro_batch_size=4",
-         "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=2", "train.ckpt_every=0", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    synth.write(root / "synth", 200, seed=3)
-    cfg = PrepareConfig(inputs=(str(root / "synth" / "corpus.jsonl"),), out=str(root / "prep"), workers=1,
-                        tokenizer=TokenizerConfig(vocab_size=512), reader=ReaderConfig())
-    prepare(cfg, progress=False)
-    return root / "prep"
-
-
-def train(out: Path, data: Path, *extra: str, launcher: list[str] | None = None, check: bool = True,
-          **kw) -> subprocess.CompletedProcess:
-    cmd = (launcher or CLI) + ["train", "--config", "tiny", f"data.path={data}", f"out_dir={out}", *SMALL, *extra]
-    if launcher:  # torchrun runs `-m lacy_fast.cli`
-        cmd = launcher + ["-m", "lacy_fast.cli"] + cmd[len(launcher):]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from helpers import CLI, SMALL, metrics, train
 
 
 def test_single_rank_run_logs_every_step_and_exports(data, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lacy_fast.model.io import load_export
-from test_train import CLI, SMALL, data, metrics, train  # noqa: F401  (data: the module's fixture)
+from helpers import CLI, SMALL, metrics, train
 
 
 def dir_bytes(path):
