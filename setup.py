@@ -67,7 +67,8 @@ class BuildPy(build_py):
         return modules
 
 
-native = Extension("lacy_fast.data._lacy_native", sources=[])
+# optional: when the helpers are skipped or fail to build, nothing is copied next to the sources.
+native = Extension("lacy_fast.data._lacy_native", sources=[], optional=True)
 
 packages = find_packages(include=["lacy_fast", "lacy_fast.*"])
 
