@@ -15,7 +15,7 @@ from lacy_fast.cascade.slm import ExportedModel, context_ids, encode_continuatio
 from lacy_fast.config import CascadeConfig, ModelConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
-from lacy_fast.eval.facts import FactTable
+from lacy_fast.data.facts import FactTable
 from lacy_fast.model import GPT
 from lacy_fast.model.io import save_export
 from test_data_tokenizer import train_small

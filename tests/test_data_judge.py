@@ -216,7 +216,7 @@ def naive_scores(judge, text, words, limit):
         prefix = judge.prefix_ids(text[cuts[which[k]]:cuts[which[k] + 1]])
         with torch.no_grad():
             logits = judge.model(input_ids=torch.tensor([prefix + judge.question_ids(text, words, k)])).logits[0, -1]
-        out.append(float(logits[judge.yes_id] - logits[judge.no_id]))
+        out.append(float(judge.answer.margin(logits)))
     return np.array(out)
 
 
