@@ -472,17 +472,10 @@ def make_hf(directory, steps=150, n_layer=1):
     """A 1-layer GPT-2 on a character-level byte BPE (no merges: chunk seams cannot change the
     tokens, so re-encoding the whole text is an exact reference), trained briefly on biographies
     so its words end in spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     texts = [ts[0] for _, ts, _ in synth.generate(200, seed=4, heldout=0.0)]
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=len(alphabet) + 1, initial_alphabet=alphabet,
-                                                       special_tokens=["<|endoftext|>"]))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+    hf_tok = byte_bpe(texts)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(hf_tok), n_positions=256, n_embd=64, n_layer=n_layer, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -496,6 +489,26 @@ def make_hf(directory, steps=150, n_layer=1):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return save_hf(directory, model, hf_tok)
+
+
+def byte_bpe(texts, merges=0):
+    """A byte-level BPE trained on ``texts`` with ``merges`` merges, as a transformers tokenizer
+    (EOS ``<|endoftext|>``): no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=len(alphabet) + 1 + merges,
+                                                       initial_alphabet=alphabet, special_tokens=["<|endoftext|>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+
+
+def save_hf(directory, model, hf_tok):
+    """``directory`` holding the model and its tokenizer (save_pretrained of both)."""
     model.save_pretrained(directory)
     hf_tok.save_pretrained(directory)
     return directory

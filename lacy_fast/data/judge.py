@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lacy_fast.config import JudgeConfig
+from lacy_fast.data.facts import FactTable
 from lacy_fast.data.labeling import FLAG_FACT, project
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
@@ -43,7 +44,7 @@ _SPEC_HINT = ("pass none, oracle:FACTS.jsonl (the facts.jsonl `lacy-fast synth` 
 # Words the hf judge is asked about: letters and digits, with inner apostrophes, hyphens,
 # periods and commas ("O'Neil-Smith", "1,234.5"), never whitespace or outer punctuation.
 WORD = re.compile(r"[^\W_]+(?:['\u2019.,-][^\W_]+)*")
-_VALUE_WORD = re.compile(r"[^\W_]+")  # the words of a fact value (letters and digits, as eval/facts.py)
+_VALUE_WORD = re.compile(r"[^\W_]+")  # the words of a fact value (letters and digits, as data/facts.py)
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s+|\n\s*")
 
 PROMPT = (
@@ -83,13 +84,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def _fact_table(path: str):
-    """The fact table of ``lacy-fast synth`` (the one import of eval/ here: re-point it if it moves)."""
-    from lacy_fast.data.facts import FactTable
-
-    return FactTable.read(path)
-
-
 class OracleJudge:
     """Every word of every occurrence of a known fact value (leftmost-longest), from ``facts.jsonl``."""
 
@@ -101,7 +95,7 @@ class OracleJudge:
             raise UserError(f"--judge oracle:{path}: {path} does not exist; pass the facts.jsonl that "
                             "`lacy-fast synth` wrote beside the corpus")
         self.path = Path(path)
-        self.table = _fact_table(path)
+        self.table = FactTable.read(path)
         self.questions = 0
         self.forward_tokens = 0
 

@@ -19,14 +19,14 @@ evaluated titles are the first ``people`` of ``heldout.jsonl``) adds the held-ou
 of ``heldout.py`` from one teacher-forced pass with the SLM alone, FactScore per popularity
 bucket, and ``score`` (the call score the rules rank); a source without (a knowledge
 source: its first ``people`` titles) adds the SLM alone beside the cascade. ``report.py``
-formats either result; README's evaluation section lists the result's keys.
+formats either result (one JSON object: ``--out DIR`` writes ``DIR/eval.json``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,10 @@ def evaluate(slm: SlmLike, big: BigLike, source: SourceLike, *, cfg: EvalConfig 
     score = resolve_score(cfg.cascade.score, slm.meta.get("strategy"))
     calib = _calibration(slm, score, source, cfg.cascade, device) if texts is not None else None
     t0 = time.perf_counter()
-    modes = {"cascade" if big is not None else "alone": big} if texts is not None else {"alone": None, "cascade": big}
-    runs = {name: _generate(slm, model, cfg.cascade, source, titles, device, progress, name, calib)
-            for name, model in modes.items() if name == "alone" or model is not None}
     main = "cascade" if big is not None else "alone"
+    modes = {main: big} if texts is not None else {"alone": None, main: big}  # without held-out text: both
+    runs = {name: _generate(slm, model, cfg.cascade, source, titles, device, progress, name, calib)
+            for name, model in modes.items()}
     generations, items = runs[main]
     gen = generation_summary(generations)
     fs = summarize(items, source.attributes)
