@@ -37,7 +37,7 @@ from harness import env_info, print_table, record  # noqa: E402
 from lacy_fast.data import synth  # noqa: E402
 from lacy_fast.data.facts import FactTable, read_heldout  # noqa: E402
 from lacy_fast.data.labeling import load_spacy  # noqa: E402
-from lacy_fast.eval.judges import RuleJudge  # noqa: E402
+from lacy_fast.eval.verify import RuleVerifier  # noqa: E402
 from lacy_fast.eval.knowledge import KnowledgeBase  # noqa: E402
 from lacy_fast.eval.sources import KnowledgeSource, summarize  # noqa: E402
 
@@ -71,7 +71,7 @@ def main() -> None:
     index_seconds = time.perf_counter() - t0
     rows = []
     for name, pairs in cases.items():
-        source = KnowledgeSource(kb, RuleJudge(nlp), nlp)  # a fresh judge: article passages parsed anew
+        source = KnowledgeSource(kb, RuleVerifier(nlp), nlp)  # a fresh judge: article passages parsed anew
         start = time.perf_counter()
         items = source.score(pairs)
         seconds = time.perf_counter() - start

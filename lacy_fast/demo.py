@@ -350,8 +350,8 @@ def _point(budget: float, result: dict[str, Any]) -> dict[str, Any]:
     gen = result["generation"]
     return {"budget": budget, "call_rate": result["call_rate"], "answered_rate": gen["answered_rate"],
             "steps": gen["steps"], "calls": gen["calls"],
-            "factscore": fs["macro"], "factscore_micro": fs["micro"],
-            **{f"factscore_{b}": f["macro"] for b, f in result["factscore_by_bucket"].items()},
+            "factscore": fs["factscore"], "factscore_micro": fs["micro"],
+            **{f"factscore_{b}": f["factscore"] for b, f in result["factscore_by_bucket"].items()},
             "facts_per_generation": fs["facts_per_generation"],
             "supported_per_generation": fs["supported_per_generation"], "share_with_facts": fs["share_with_facts"]}
 

@@ -87,6 +87,14 @@ def print_explain(cls: type, command: str, shorthands: list[Shorthand]) -> None:
         print(f"{key + flag:<34} {default:<14} {text}")
 
 
+def configure(cls: type[T], args: argparse.Namespace, shorthands: list[Shorthand], command: str) -> T | None:
+    """The command's ``cls`` (``build_config``), or None after printing its keys for ``--explain``."""
+    if args.explain:
+        print_explain(cls, command, shorthands)
+        return None
+    return build_config(cls, args, shorthands, command=command)
+
+
 def split_overrides(values: list[str] | None) -> tuple[list[str], list[str]]:
     """(values, overrides): ``key=value`` items that argparse gave a flag taking several
     values (``--input a.txt workers=2``) back to the overrides. A value with '=' that names

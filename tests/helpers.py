@@ -66,3 +66,34 @@ def train(out: Path, data: Path, *extra: str, launcher: list[str] | None = None,
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def byte_bpe(texts, merges=0):
+    """A byte-level BPE trained on ``texts`` with ``merges`` merges, as a transformers tokenizer
+    (EOS ``<|endoftext|>``): no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=len(alphabet) + 1 + merges,
+                                                       initial_alphabet=alphabet, special_tokens=["<|endoftext|>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+
+
+def save_hf(directory, model, hf_tok):
+    """``directory`` holding the model and its tokenizer (save_pretrained of both)."""
+    model.save_pretrained(directory)
+    hf_tok.save_pretrained(directory)
+    return directory
+
+
+def tiny_gpt2(vocab_size: int, *, n_positions: int = 256, n_embd: int = 32, n_layer: int = 1, **config):
+    """A randomly initialised (seed 0) GPT-2 of transformers' own classes, two heads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                      n_head=2, **config))

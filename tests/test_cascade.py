@@ -15,8 +15,8 @@ from lacy_fast.cascade.slm import ExportedModel, context_ids, encode_continuatio
 from lacy_fast.config import CascadeConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
-from lacy_fast.eval.facts import FactTable
-from helpers import export, tiny_gpt, train_small
+from lacy_fast.data.facts import FactTable
+from helpers import byte_bpe, export, save_hf, tiny_gpt, tiny_gpt2, train_small
 
 PROMPTS = ["Thynoxine Nahoxski", "Anna", "By profession, she was a"]
 THRESHOLD = 0.05  # p(CALL) of tiny_gpt spans ~1e-6..0.4: some steps call, most do not
@@ -446,20 +446,9 @@ def make_hf(directory, steps=150, n_layer=1):
     """A 1-layer GPT-2 on a character-level byte BPE (no merges: chunk seams cannot change the
     tokens, so re-encoding the whole text is an exact reference), trained briefly on biographies
     so its words end in spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     texts = [ts[0] for _, ts, _ in synth.generate(200, seed=4, heldout=0.0)]
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=len(alphabet) + 1, initial_alphabet=alphabet,
-                                                       special_tokens=["<|endoftext|>"]))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(hf_tok), n_positions=256, n_embd=64, n_layer=n_layer, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+    hf_tok = byte_bpe(texts)
+    model = tiny_gpt2(len(hf_tok), n_positions=256, n_embd=64, n_layer=n_layer, bos_token_id=0, eos_token_id=0)
     data = torch.tensor(hf_tok(" ".join(texts))["input_ids"])
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
@@ -470,9 +459,7 @@ def make_hf(directory, steps=150, n_layer=1):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(directory)
-    hf_tok.save_pretrained(directory)
-    return directory
+    return save_hf(directory, model, hf_tok)
 
 
 @pytest.fixture(scope="module")

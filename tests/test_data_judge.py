@@ -15,6 +15,7 @@ from lacy_fast.data import synth
 from lacy_fast.data.judge import OracleJudge, judge_documents, load_judge, passage_cuts, word_spans
 from lacy_fast.data.shards import ShardSet, shard_paths
 from lacy_fast.data.tokenizer import Tokenizer
+from helpers import byte_bpe, save_hf, tiny_gpt2
 
 CLI = [sys.executable, "-m", "lacy_fast.cli"]
 SMALL = ["--vocab-size", "400", "--quiet", "shard_docs=30"]
@@ -182,24 +183,9 @@ def test_oracle_first_subword_mode(plain, corpus):
 
 def make_judge_model(directory, n_positions=1024, merges=300):
     """A randomly initialised 1-layer GPT-2 on a small byte-level BPE trained here (no download)."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    texts = [ts[0] for _, ts, _ in synth.generate(100, seed=4, heldout=0.0)]
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=len(alphabet) + 1 + merges,
-                                                       initial_alphabet=alphabet, special_tokens=["<|endoftext|>"]))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(hf_tok), n_positions=n_positions, n_embd=32, n_layer=1,
-                                       n_head=2, bos_token_id=0, eos_token_id=0))
-    model.save_pretrained(directory)
-    hf_tok.save_pretrained(directory)
-    return directory
+    hf_tok = byte_bpe([ts[0] for _, ts, _ in synth.generate(100, seed=4, heldout=0.0)], merges)
+    model = tiny_gpt2(len(hf_tok), n_positions=n_positions, n_embd=32, bos_token_id=0, eos_token_id=0)
+    return save_hf(directory, model, hf_tok)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +202,7 @@ def naive_scores(judge, text, words, limit):
         prefix = judge.prefix_ids(text[cuts[which[k]]:cuts[which[k] + 1]])
         with torch.no_grad():
             logits = judge.model(input_ids=torch.tensor([prefix + judge.question_ids(text, words, k)])).logits[0, -1]
-        out.append(float(logits[judge.yes_id] - logits[judge.no_id]))
+        out.append(float(judge.answer.margin(logits)))
     return np.array(out)
 
 

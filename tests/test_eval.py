@@ -14,15 +14,14 @@ from lacy_fast.cascade.slm import ExportedModel, context_ids
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
-from lacy_fast.eval.factscore import factscore, score_generation
-from lacy_fast.eval.facts import FactTable, Person, read_heldout, value_spans
+from lacy_fast.data.facts import FactTable, Person, read_heldout, value_spans
 from lacy_fast.cascade.rules import call_scores, resolve_score
-from lacy_fast.eval.heldout import (FREE, KNOWN_FACT, OTHER, UNKNOWN_FACT, TextScores, call_stats, roc_auc,
-                                    score_texts)
-from lacy_fast.eval.leakage import leakage, leaks
+from lacy_fast.eval.heldout import (FREE, KNOWN_FACT, OTHER, UNKNOWN_FACT, TextScores, call_stats, leakage, leaks,
+                                    roc_auc, score_texts)
 from lacy_fast.eval.plots import plot_sweep
 from lacy_fast.eval.report import format_table
 from lacy_fast.eval.run import evaluate, sweep
+from lacy_fast.eval.sources import SyntheticSource, summarize
 from helpers import export, tiny_gpt
 
 # -- the extractor and the scores, by hand ---------------------------------------------------
@@ -32,10 +31,15 @@ ANNA = Person(0, "Anna Tolk", "she", {"birth_place": "Tolmere", "occupation": "m
 BORIS = Person(1, "Boris Vell", "he", {"birth_place": "Gravholm", "occupation": "biologist",
                                        "birth_date": "3 May 1901", "education": "Polytechnic of Strin"})
 TABLE = FactTable([ANNA, BORIS])
+SOURCE = SyntheticSource(TABLE)
 
 
 def facts_of(text, person=ANNA):
-    return [(f.attribute, f.value, f.supported) for f in score_generation(TABLE, person, text)]
+    return [(f["kind"], f["text"], f["supported"]) for f in SOURCE.facts(person, text)]
+
+
+def factscore(people, texts):
+    return summarize(SOURCE.score([(p.name, t) for p, t in zip(people, texts)]), TABLE.attributes)
 
 
 def test_extractor_right_wrong_partial_and_none():
@@ -61,16 +65,16 @@ def test_factscore_micro_macro_and_shares():
              "Born in Gravholm, a marine biologist.",  # 1/2
              "Nothing to say.",  # no fact
              "Born on 3 May 1901."]  # 0/1
-    fs = factscore(TABLE, [ANNA] * 4, texts)
-    assert (fs["stated"], fs["supported"], fs["generations"]) == (5, 3, 4)
+    fs = factscore([ANNA] * 4, texts)
+    assert (fs["facts"], fs["supported"], fs["generations"]) == (5, 3, 4)
     assert fs["micro"] == pytest.approx(3 / 5)
-    assert fs["macro"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert fs["factscore"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert fs["facts_per_generation"] == pytest.approx(5 / 4)
     assert fs["supported_per_generation"] == pytest.approx(3 / 4)
     assert fs["share_with_facts"] == pytest.approx(3 / 4)
-    assert fs["by_attribute"]["birth_place"] == {"stated": 2, "supported": 1, "precision": 0.5}
-    empty = factscore(TABLE, [ANNA], ["Nothing."])
-    assert empty["macro"] is None and empty["micro"] is None and empty["share_with_facts"] == 0
+    assert fs["by_attribute"]["birth_place"] == {"facts": 2, "supported": 1, "precision": 0.5}
+    empty = factscore([ANNA], ["Nothing."])
+    assert empty["factscore"] is None and empty["micro"] is None and empty["share_with_facts"] == 0
 
 
 def test_call_stats_and_leakage_by_hand():
@@ -190,7 +194,7 @@ def test_a_memorising_model_states_true_facts_and_leaks_them(models, data):
     json.dumps(result)  # serialisable as it is
     random = evaluate(models["random"], "none", data / "facts.jsonl", cfg=CFG, progress=False)
     assert random["leakage"] == 0.0 and random["perplexity"] > 100
-    assert random["factscore_detail"]["stated"] == 0 and random["factscore"] is None
+    assert random["factscore_detail"]["facts"] == 0 and random["factscore"] is None
 
 
 def test_a_calling_model_calls_at_facts_and_the_oracle_fills_them_in(models, data):

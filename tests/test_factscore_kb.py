@@ -13,12 +13,11 @@ from lacy_fast.data import synth
 from lacy_fast.data.facts import FactTable, read_heldout
 from lacy_fast.errors import UserError
 from lacy_fast.eval.claims import Date, Evidence, extract_claims, find_dates, find_numbers
-from lacy_fast.eval.factscore import factscore
-from lacy_fast.eval.judges import HFJudge, RuleJudge
+from lacy_fast.eval.verify import LMVerifier, RuleVerifier
 from lacy_fast.eval.knowledge import KnowledgeBase, split_passages
-from lacy_fast.eval.knowledge_eval import evaluate_knowledge
+from lacy_fast.eval.run import evaluate
 from lacy_fast.eval.sources import KnowledgeSource, open_source
-from helpers import export, tiny_gpt
+from helpers import export, tiny_gpt, tiny_gpt2
 
 ANNA = ("Anna Tolk (born 12 March 1950 in Tolmere) is a Brasken marine biologist who lives in Gravholm. She studied "
         "at the University of Brask and worked for Orn Systems from 1975 to 1990.\n\nShe has two children and married "
@@ -36,7 +35,7 @@ def kb_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(kb_path, nlp):
-    return KnowledgeSource(KnowledgeBase.read(kb_path), RuleJudge(nlp), nlp)
+    return KnowledgeSource(KnowledgeBase.read(kb_path), RuleVerifier(nlp), nlp)
 
 
 def judged(source, text, title="Anna Tolk"):
@@ -167,9 +166,13 @@ def test_the_synthetic_table_scores_exactly_as_before(tmp_path, capsys):
     assert cli.main(["factscore", "--knowledge", str(tmp_path / "facts.jsonl"), "--generations", str(gen),
                      "--quiet", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    exact = factscore(table, people, texts)
-    assert result["factscore"] == exact["macro"] and result["micro"] == exact["micro"] < 1
-    assert result["facts"] == exact["stated"] and result["judge"] == "exact (fact table)"
+    # by hand from the table: each distinct (attribute, value) a text states, supported iff the person's
+    stated = [{(f.attribute, f.value) for f in table.extract(t)} for t in texts]
+    ok = [sum(p.facts.get(a) == v for a, v in s) for p, s in zip(people, stated)]
+    scores = [k / len(s) for k, s in zip(ok, stated) if s]
+    assert result["factscore"] == pytest.approx(sum(scores) / len(scores))
+    assert result["micro"] == pytest.approx(sum(ok) / sum(map(len, stated))) and result["micro"] < 1
+    assert result["facts"] == sum(map(len, stated)) and result["judge"] == "exact (fact table)"
     assert open_source(tmp_path / "facts.jsonl").prompt(people[0].name) == people[0].name
     assert cli.main(["factscore", "--knowledge", str(tmp_path / "facts.jsonl"), "--generations", str(gen),
                      "--judge", "hf:x", "--quiet"]) == 2
@@ -189,11 +192,7 @@ def answer_tokens(tok, prompt):
 def always(token, vocab_size, tok_dir, directory, n_positions):
     """A GPT-2 whose next token is always ``token``: the hidden state is constant (ln_f weight
     0, bias v) and only the head row of ``token`` is v."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2,
-                                       tie_word_embeddings=False))
+    model = tiny_gpt2(vocab_size, n_positions=n_positions, n_embd=16, tie_word_embeddings=False)
     with torch.no_grad():
         v = torch.randn(16)
         model.transformer.ln_f.weight.zero_()
@@ -215,13 +214,14 @@ def test_hf_judge_reads_its_verdict_from_the_true_false_logits(kb_path, tmp_path
     gen = tmp_path / "gen.jsonl"
     gen.write_text(json.dumps({"title": "Anna Tolk", "generation": text}) + "\n")
     claim = extract_claims(nlp(text), "Anna Tolk")[0]
-    yes, no = answer_tokens(hf_tok, HFJudge.prompt("Anna Tolk", claim, []))
+    yes, no = answer_tokens(hf_tok, LMVerifier.prompt("Anna Tolk", claim, []))
     assert yes != no
     for token, expected in ((yes, True), (no, False)):
         # 64 positions: shorter than the prompt with its passages, which are dropped to fit
         judge_dir = always(token, len(hf_tok), tok_dir, tmp_path / f"judge{token}", n_positions=64)
-        judge = HFJudge(judge_dir)
-        assert judge.answer_ids(HFJudge.prompt("Anna Tolk", claim, []))[1:] == (yes, no)
+        judge = LMVerifier(judge_dir)
+        answer = judge.answer(LMVerifier.prompt("Anna Tolk", claim, []))
+        assert (answer.yes, answer.no) == (yes, no)
         source = KnowledgeSource(KnowledgeBase.read(kb_path), judge, nlp)
         [item] = source.score([("Anna Tolk", text)])
         assert [f["supported"] for f in item.facts] == [expected] * 3
@@ -248,7 +248,7 @@ def test_eval_knowledge_alone_and_in_cascade(tmp_path, capsys, tok):
     source = open_source(kb)
     cfg = EvalConfig(people=3, cascade=CascadeConfig(rule="budget", budget=1.0, max_new_tokens=160))
     # the random SLM calls the memoriser at every step: the cascade says the articles
-    result = evaluate_knowledge(random, LacyBig(memoriser), source, cfg, progress=False)
+    result = evaluate(random, LacyBig(memoriser), source, cfg=cfg, progress=False)
     assert result["factscore_cascade"] >= 0.9 and result["cascade"]["facts_per_generation"] >= 3
     assert result["call_rate"] == 1.0 and result["cascade"]["generation"]["call_rate"] == 1.0
     assert result["factscore_alone"] is None or result["factscore_alone"] < 0.3

@@ -85,10 +85,9 @@ def test_factscore_prints_a_summary_and_writes_details(tmp_path, capsys):
 
 
 def test_eval_facts_and_knowledge_print_one_layout():
-    from lacy_fast.eval.knowledge_eval import format_knowledge_report
     from lacy_fast.eval.report import format_report
 
-    fs = {"micro": 0.5, "facts_per_generation": 2.0, "share_with_facts": 1.0, "supported": 2, "stated": 4,
+    fs = {"factscore": 0.5, "micro": 0.5, "facts_per_generation": 2.0, "share_with_facts": 1.0, "supported": 2, "facts": 4,
           "generations": 2}
     facts_result = {
         "factscore": 0.5, "factscore_detail": fs, "call_rate": 0.22, "leakage": 0.1, "perplexity": 3.0,
@@ -110,7 +109,7 @@ def test_eval_facts_and_knowledge_print_one_layout():
                                                                                                  ["cascade"])]
 
     facts_header, facts_rows = table(format_report(facts_result))
-    knowledge_header, knowledge_rows = table(format_knowledge_report(knowledge_result))
+    knowledge_header, knowledge_rows = table(format_report(knowledge_result))
     assert facts_header.split() == knowledge_header.split()
     assert facts_rows == ["cascade"] and knowledge_rows == ["alone", "cascade"]
     assert table(format_report({**facts_result, "big": "none"}))[1] == ["alone"]

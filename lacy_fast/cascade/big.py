@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +34,7 @@ from lacy_fast.data.facts import FactTable, Person
 from lacy_fast.data.synth import CUES
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
+from lacy_fast.hf_lm import context_limit, load_causal_lm, pad_id
 from lacy_fast.model.io import export_meta
 
 
@@ -137,31 +137,15 @@ class HFBig:
         self.name = str(path)
         self.handoff = "word"
         self.max_word_tokens = max_word_tokens
-        config = model.config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.max_positions = int(limit) if limit else sys.maxsize  # e.g. no learned positions: no limit
+        self.max_positions = context_limit(model.config)
         self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self.pad_id = pad_id(tokenizer)
         self.device = next(model.parameters()).device
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", max_word_tokens: int = 8) -> "HFBig":
-        try:
-            import transformers
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError:
-            raise UserError(f"--big {path} is a Hugging Face model but transformers is not installed; "
-                            "pip install 'lacy-fast[hf]'")
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load the Hugging Face model in {path} ({first}); pass a directory with a causal "
-                            "LM and its tokenizer (save_pretrained of both)")
-        return cls(model.to(device).eval(), tokenizer, Path(path), max_word_tokens)
+        model, tokenizer = load_causal_lm(path, device, flag=f"--big {path}")
+        return cls(model, tokenizer, Path(path), max_word_tokens)
 
     @torch.inference_mode()
     def begin(self, tokenizer: Tokenizer, prompts: list[str], contexts: list[list[int]]) -> None:

@@ -1,68 +1,42 @@
-"""The judge step of ``lacy-fast prepare``: flag bit 1 (``FLAG_JUDGE``) on the tokens to delegate.
+"""The judges of ``lacy-fast prepare``: which words get flag bit 1 (``FLAG_JUDGE``, to delegate).
 
     lacy-fast prepare --input synth/corpus.jsonl --out data --judge oracle:synth/facts.jsonl
     lacy-fast prepare --input corpus/ --out data --judge hf:models/judge judge.candidates=spacy
 
 The ``judge`` training strategy turns every target with bit 1 into ``<CALL>``. Two judges:
 
-- ``oracle:FACTS``: the perfect judge of the built-in corpus. ``facts.jsonl`` (written by
-  ``lacy-fast synth``) lists every person's fact values; value sets are disjoint across
-  attributes and values are whole words, so every occurrence of a known value in a text
-  is a fact. Values are found leftmost-longest (``FactTable.extract``); each value's words
-  are the judged words. One dictionary lookup per word and value length: far cheaper than
-  spaCy.
+- ``oracle:FACTS``: the perfect judge of the built-in corpus: every word of every occurrence
+  of a known fact value (``FactTable.extract``, leftmost-longest) in ``facts.jsonl``.
 - ``hf:DIR``: a local Hugging Face causal LM asked, as the paper's LLM judge, about each
   word (``judge.candidates=words``) or only about the words spaCy marked
-  (``judge.candidates=spacy``): is it a factual detail that a small model could get wrong,
-  or a word any fluent continuation could choose? The judge reads a passage of the
-  document (``PROMPT``, at most ``judge.context_chars`` characters, cut at a sentence end)
-  and one question per word (``QUESTION``, quoting the word with the words before it).
-  Its answer is the difference of the next-token logits of " Yes" and " No" after the
-  question (= log p(Yes) - log p(No); where both answers start with the same judge tokens,
-  e.g. a space, those are appended to the question and the first differing tokens are
-  compared); a word is delegated when it exceeds ``judge.threshold``. Deterministic:
-  no sampling. Cost: the passage is run once per batch of questions (its key/value cache
-  copied to every question of the batch), then every question with its left padding, so
-  a word costs one question's tokens plus its share of the passage.
+  (``judge.candidates=spacy``): is it a factual detail a small model could get wrong? It
+  reads a passage of the document (``PROMPT``, at most ``judge.context_chars`` characters,
+  cut at a sentence end) and one question per word (``QUESTION``); the word is delegated
+  when log p(Yes) - log p(No) after the question (``hf_lm.YesNo``) exceeds
+  ``judge.threshold``. The passage runs once per batch of questions (its key/value cache
+  copied to every question), then every question with its left padding.
 
-Both judges work on character spans of words in the document's text (the judge model's
-tokenizer is not ours), projected onto our subwords exactly like the spaCy labels
-(``labeling.project``: a subword whose characters, leading whitespace excluded, overlap a
-judged word; every such subword or only the first of each word, as ``label.subwords``).
-
-A step of its own, after the spaCy labels: it reads each finished shard, decodes its
-documents (the tokenizer is lossless, so this is the original text), clears bit 1, sets
-it from the judge and rewrites the shard atomically, then writes ``shard_NNNNN.judge.json``
-(the judge's identity, a checksum of the flags it wrote, its counts and cost). A shard
-whose marker names the same judge and whose flags still match the checksum is done, so
-the step resumes per shard; a rerun with another judge (or ``none``, which clears bit 1)
-relabels bit 1 only, without redoing spaCy, so the judge is not part of ``prepare.json``.
-While any shard is being relabeled ``stats.json`` is removed: a directory whose shards
-mix two judges is not complete, and training refuses it.
+Both judges give character spans of words, projected onto our subwords like the spaCy
+labels (``labeling.project``, as ``label.subwords`` says). ``relabel.py`` is the step that
+rewrites the shards' bit 1 with a judge.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import sys
-import time
-import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from lacy_fast.config import JudgeConfig, PrepareConfig
-from lacy_fast.data import shards as shard_io
-from lacy_fast.data.labeling import FLAG_FACT, FLAG_JUDGE, project
+from lacy_fast.config import JudgeConfig
+from lacy_fast.data.facts import FactTable
+from lacy_fast.data.labeling import FLAG_FACT, project
 from lacy_fast.data.tokenizer import Tokenizer
-from lacy_fast.data.workers import ShardPool, die_with_parent, exit_if_orphaned
 from lacy_fast.errors import UserError
-from lacy_fast.fileio import write_json
-from lacy_fast.progress import Progress
+from lacy_fast.hf_lm import HINT, YesNo, context_limit, first_line, import_transformers, load_causal_lm, pad_id
 
-MARKER = ".judge.json"  # shard_NNNNN.judge.json beside shard_NNNNN.bin
 VERSION = 1  # of the judges' logic: part of every judge's identity, so a change relabels
 _SPEC_HINT = ("pass none, oracle:FACTS.jsonl (the facts.jsonl `lacy-fast synth` wrote) or hf:DIR (a local Hugging "
               "Face causal LM)")
@@ -70,7 +44,7 @@ _SPEC_HINT = ("pass none, oracle:FACTS.jsonl (the facts.jsonl `lacy-fast synth` 
 # Words the hf judge is asked about: letters and digits, with inner apostrophes, hyphens,
 # periods and commas ("O'Neil-Smith", "1,234.5"), never whitespace or outer punctuation.
 WORD = re.compile(r"[^\W_]+(?:['\u2019.,-][^\W_]+)*")
-_VALUE_WORD = re.compile(r"[^\W_]+")  # the words of a fact value (letters and digits, as eval/facts.py)
+_VALUE_WORD = re.compile(r"[^\W_]+")  # the words of a fact value (letters and digits, as data/facts.py)
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s+|\n\s*")
 
 PROMPT = (
@@ -110,13 +84,6 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def _fact_table(path: str):
-    """The fact table of ``lacy-fast synth`` (the one import of eval/ here: re-point it if it moves)."""
-    from lacy_fast.data.facts import FactTable
-
-    return FactTable.read(path)
-
-
 class OracleJudge:
     """Every word of every occurrence of a known fact value (leftmost-longest), from ``facts.jsonl``."""
 
@@ -128,7 +95,7 @@ class OracleJudge:
             raise UserError(f"--judge oracle:{path}: {path} does not exist; pass the facts.jsonl that "
                             "`lacy-fast synth` wrote beside the corpus")
         self.path = Path(path)
-        self.table = _fact_table(path)
+        self.table = FactTable.read(path)
         self.questions = 0
         self.forward_tokens = 0
 
@@ -160,12 +127,9 @@ class HFJudge:
         self.cfg = cfg
         self.path = path
         self.needs_candidates = cfg.candidates == "spacy"
-        config = model.config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.max_positions = int(limit) if limit else sys.maxsize
-        self.answer_prefix, self.yes_id, self.no_id = answer_tokens(tokenizer, path)
-        eos = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+        self.max_positions = context_limit(model.config)
+        self.answer = yes_no(tokenizer, path)
+        self.pad_id = pad_id(tokenizer)
         self.device = next(model.parameters()).device
         self.questions = 0
         self.forward_tokens = 0
@@ -179,7 +143,7 @@ class HFJudge:
         first = int(words[max(j - LEFT_WORDS, 0), 0])
         context = " ".join(text[first:end].split())[-MAX_QUOTE_CHARS:]
         question = QUESTION.format(context=context, word=text[start:end][-MAX_QUOTE_CHARS:])
-        return list(self.tok(question, add_special_tokens=False)["input_ids"]) + self.answer_prefix
+        return list(self.tok(question, add_special_tokens=False)["input_ids"]) + self.answer.prefix
 
     # -- scoring -----------------------------------------------------------------------
     def spans(self, texts: list[str], candidates: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -250,22 +214,16 @@ class HFJudge:
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         self.questions += batch
         self.forward_tokens += n_prefix + batch * width
-        return (logits[:, self.yes_id] - logits[:, self.no_id]).cpu().numpy().astype(np.float64)
+        return self.answer.margin(logits).cpu().numpy().astype(np.float64)
 
     def identity(self) -> dict[str, Any]:
         return hf_identity(self.path, self.cfg)
 
 
-def answer_tokens(tokenizer: Any, path: str) -> tuple[list[int], int, int]:
-    """(common prefix, yes id, no id): the first judge tokens where " Yes" and " No" differ."""
-    yes, no = (list(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in ANSWERS)
-    n = 0
-    while n < min(len(yes), len(no)) and yes[n] == no[n]:
-        n += 1
-    if n == min(len(yes), len(no)):
-        raise UserError(f"the tokenizer of the judge model {path} cannot tell ' Yes' from ' No'; use another judge "
-                        "model")
-    return yes[:n], yes[n], no[n]
+def yes_no(tokenizer: Any, path: str) -> YesNo:
+    """The judge's answer tokens: " Yes" and " No" (``ANSWERS``) tokenized alone."""
+    ids = (list(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in ANSWERS)
+    return YesNo.of(*ids, f"the judge model {path}")
 
 
 def hf_identity(path: str, cfg: JudgeConfig) -> dict[str, Any]:
@@ -310,22 +268,11 @@ def _overlapping(words: np.ndarray, spans: np.ndarray) -> np.ndarray:
     return hit
 
 
-def _check_transformers(spec: str):
-    try:
-        import transformers
-    except ImportError:
-        raise UserError(f"--judge {spec} needs transformers, which is not installed; pip install 'lacy-fast[hf]'")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
 def check_hf(path: str, cfg: JudgeConfig) -> None:
     """Refuse, in one sentence, a directory that is not a local causal LM with a usable tokenizer
     (cheap: config, tokenizer and the presence of weights; the workers load the weights)."""
     spec = f"hf:{path}"
-    root = Path(path)
-    hint = "pass a directory holding a causal LM and its tokenizer (save_pretrained of both)"
+    root, hint = Path(path), HINT
     if not root.is_dir():
         raise UserError(f"--judge {spec}: {path} is not a directory; {hint}")
     try:
@@ -335,11 +282,11 @@ def check_hf(path: str, cfg: JudgeConfig) -> None:
     if not isinstance(meta, dict) or "model_type" not in meta:
         raise UserError(f"--judge {spec}: {path} is not a Hugging Face model (no config.json with a model_type); "
                         f"{hint}")
-    transformers = _check_transformers(spec)
+    transformers = import_transformers(f"--judge {spec}")
     try:
         config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"--judge {spec}: cannot read its config ({_first_line(err)}); {hint}")
+        raise UserError(f"--judge {spec}: cannot read its config ({first_line(err)}); {hint}")
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"--judge {spec}: {path} holds a {meta['model_type']} model, not a causal LM; {hint}")
     if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") for p in root.iterdir()):
@@ -347,30 +294,18 @@ def check_hf(path: str, cfg: JudgeConfig) -> None:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"--judge {spec}: cannot load its tokenizer ({_first_line(err)}); {hint}")
-    answer_tokens(tokenizer, path)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        raise UserError(f"--judge {spec}: cannot load its tokenizer ({first_line(err)}); {hint}")
+    yes_no(tokenizer, path)
+    limit = context_limit(config)
     need = len(tokenizer(PROMPT.format(passage="x"))["input_ids"]) + len(
         tokenizer(QUESTION.format(context="a b c d x", word="x"), add_special_tokens=False)["input_ids"]) + 2
-    if limit and need > int(limit):
+    if need > limit:
         raise UserError(f"the judge model {path} reads at most {limit} tokens, fewer than its prompt and one question "
                         f"need ({need}); use a judge model with a longer context")
 
 
 def load_hf(path: str, cfg: JudgeConfig) -> HFJudge:
-    spec = f"hf:{path}"
-    transformers = _check_transformers(spec)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"--judge {spec}: cannot load the model ({_first_line(err)}); pass a directory holding a "
-                        "causal LM and its tokenizer (save_pretrained of both)")
-    try:
-        model = model.to(cfg.device).eval()
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"--judge {spec}: cannot move it to judge.device={cfg.device} ({_first_line(err)}); "
-                        "set judge.device=cpu or a device this machine has")
+    model, tokenizer = load_causal_lm(path, cfg.device, flag=f"--judge hf:{path}")
     return HFJudge(model, tokenizer, cfg, str(path))
 
 
@@ -393,11 +328,6 @@ def describe(cfg: JudgeConfig, subwords: str) -> dict[str, Any]:
         check_hf(path, cfg)
         identity = hf_identity(path, cfg)
     return {**identity, "subwords": subwords, "version": VERSION}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,172 +358,3 @@ def judge_documents(judge: Judge, tokenizer: Tokenizer, texts: list[str], ids: l
         out.append(flagged[start:start + len(o[0])])
         start += len(o[0])
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# The step: every shard's bit 1 brought in line with the judge
-# ----------------------------------------------------------------------------------------
-
-
-def marker_path(shard_path: Path) -> Path:
-    return shard_path.with_suffix(MARKER)
-
-
-def judge_id(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _flags_crc(flags: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(flags).view(np.uint8).data)
-
-
-def _done(path: Path, jid: str, sha256: str) -> dict[str, Any] | None:
-    """The marker of shard ``path`` if it is judged by ``jid`` and its flags are still the judged ones."""
-    try:
-        marker = json.loads(marker_path(path).read_text())
-        shard = shard_io.Shard(path, sha256)
-    except (OSError, json.JSONDecodeError, UserError):
-        return None
-    if marker.get("judge_id") != jid or marker.get("tokens") != shard.n_tokens:
-        return None
-    return marker if marker.get("flags_crc32") == _flags_crc(shard.flags) else None
-
-
-def run_judge(cfg: PrepareConfig, out: Path, tok: Tokenizer, progress: bool = True) -> dict[str, Any]:
-    """Bring bit 1 of every shard in ``out`` in line with ``cfg.judge``; returns the stats.json entries."""
-    start = time.perf_counter()
-    paths = shard_io.shard_paths(out)
-    for stale in out.glob(f"shard_*{MARKER}"):  # markers of shards that are gone
-        if not stale.with_name(stale.name[: -len(MARKER)] + ".bin").exists():
-            stale.unlink()
-    if cfg.judge.spec == "none":
-        return _clear(out, paths, tok)
-    identity = describe(cfg.judge, cfg.label.subwords)
-    jid = judge_id(identity)
-    markers: dict[int, dict[str, Any]] = {}
-    todo = []
-    for i, path in enumerate(paths):
-        marker = _done(path, jid, tok.sha256)
-        if marker is None:
-            todo.append(i)
-        else:
-            markers[i] = marker
-    if todo:
-        (out / "stats.json").unlink(missing_ok=True)  # incomplete until every shard has this judge's bit 1
-        markers.update(_judge_shards(cfg, jid, [paths[i] for i in todo], todo, tok, progress))
-    total_tokens = sum(m["tokens"] for m in markers.values())
-    judged = sum(m["judge_tokens"] for m in markers.values())
-    cpu = sum(m["cpu_seconds"] for m in markers.values())
-    return {
-        "judge": cfg.judge.spec,
-        "judge_identity": identity,
-        "judge_tokens": judged,
-        "judge_fraction": judged / total_tokens if total_tokens else 0.0,
-        "judge_seconds": round(sum(m["seconds"] for m in markers.values()), 3),
-        "judge_cpu_seconds": round(cpu, 3),
-        "judge_tokens_per_core_s": round(total_tokens / cpu, 1) if cpu > 0 else None,
-        "judge_core_hours_per_billion_tokens": round(cpu / 3600 / total_tokens * 1e9, 2) if total_tokens else None,
-        "judge_questions": sum(m["questions"] for m in markers.values()),
-        "judge_forward_tokens": sum(m["forward_tokens"] for m in markers.values()),
-        "judge_shards_this_run": len(todo),
-        "judge_step_seconds": round(time.perf_counter() - start, 3),
-    }
-
-
-def _clear(out: Path, paths: list[Path], tok: Tokenizer) -> dict[str, Any]:
-    """``judge.spec=none``: no shard keeps bit 1."""
-    cleared = 0
-    for path in paths:
-        marker_path(path).unlink(missing_ok=True)
-        shard = shard_io.Shard(path, tok.sha256)
-        if shard.n_tokens and np.any(shard.flags & FLAG_JUDGE):
-            (out / "stats.json").unlink(missing_ok=True)
-            tokens, flags, offsets = np.array(shard.tokens), np.array(shard.flags), np.array(shard.doc_offsets)
-            vocab_size = shard.header.vocab_size
-            del shard
-            flags &= np.uint8(0xFF ^ FLAG_JUDGE)
-            _rewrite(path, tokens, flags, offsets, tok.sha256, vocab_size)
-            cleared += 1
-    return {"judge": "none", "judge_tokens": 0, "judge_fraction": 0.0, "judge_cleared_shards": cleared}
-
-
-def _rewrite(path: Path, tokens: np.ndarray, flags: np.ndarray, offsets: np.ndarray, sha256: str,
-             vocab_size: int) -> None:
-    docs = [(tokens[a:b], flags[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-    shard_io.write_shard(path, docs, sha256, vocab_size)
-
-
-def _judge_shards(cfg: PrepareConfig, jid: str, paths: list[Path], indices: list[int], tok: Tokenizer,
-                  progress: bool) -> dict[int, dict[str, Any]]:
-    n_docs = sum(shard_io.read_header(p).n_docs for p in paths)
-    bar = Progress(f"judge {parse_spec(cfg.judge.spec)[0]}", total=n_docs, unit="docs", enabled=progress)
-    done: dict[int, dict[str, Any]] = {}
-    with ShardPool(min(cfg.workers, len(paths)), _init_worker, (cfg.judge, cfg.label.subwords, str(tok.path)), bar,
-                   doing="judging", kept="judged") as pool:
-        for path, index in zip(paths, indices):
-            pool.submit(index, _judge_shard, str(path), jid)
-        while pool.pending:
-            done.update(pool.wait())  # re-raises a worker's UserError here
-    bar.close()
-    return done
-
-
-# ----------------------------------------------------------------------------------------
-# Worker processes
-# ----------------------------------------------------------------------------------------
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(judge_cfg: JudgeConfig, subwords: str, tokenizer_path: str, events: Any, parent: int) -> None:
-    die_with_parent(parent)  # never outlive the run (workers.py)
-    from lacy_fast.data.labeling import single_threaded
-
-    single_threaded()  # one thread per worker: workers are the unit of parallelism
-    _worker.update(cfg=judge_cfg, subwords=subwords, tokenizer=Tokenizer.load(tokenizer_path), events=events,
-                   judge=None)
-
-
-def _judge_shard(path_str: str, jid: str) -> dict[str, Any]:
-    """Relabel bit 1 of one shard and rewrite it; then write its marker. Returns the marker."""
-    if _worker["judge"] is None:  # loaded here, not in the initializer, so a load error is a UserError
-        if parse_spec(_worker["cfg"].spec)[0] == "hf":
-            import torch
-
-            torch.set_num_threads(1)
-        _worker["judge"] = load_judge(_worker["cfg"])
-    judge, tok, events = _worker["judge"], _worker["tokenizer"], _worker["events"]
-    path = Path(path_str)
-    shard = shard_io.Shard(path, tok.sha256)
-    tokens, flags, offsets = np.array(shard.tokens), np.array(shard.flags), np.array(shard.doc_offsets)
-    vocab_size = shard.header.vocab_size
-    del shard
-    flags &= np.uint8(0xFF ^ FLAG_JUDGE)
-    questions, forward = judge.questions, judge.forward_tokens
-    cpu = wall = 0.0
-    step = 256 if judge.kind == "oracle" else 4  # documents per progress event
-    for lo in range(0, len(offsets) - 1, step):
-        bounds = list(zip(offsets[lo:lo + step], offsets[lo + 1:lo + step + 1]))
-        ids = [tokens[a:b - 1] for a, b in bounds]  # without the EOS
-        texts = [tok.decode(i) for i in ids]
-        c0, w0 = time.process_time(), time.perf_counter()
-        flagged = judge_documents(judge, tok, texts, ids, [flags[a:b - 1] for a, b in bounds], _worker["subwords"])
-        cpu += time.process_time() - c0
-        wall += time.perf_counter() - w0
-        for (a, b), f in zip(bounds, flagged):
-            flags[a:b - 1][f] |= np.uint8(FLAG_JUDGE)
-        events.put((len(bounds), int(offsets[lo + len(bounds)] - offsets[lo])))
-    exit_if_orphaned()
-    _rewrite(path, tokens, flags, offsets, tok.sha256, vocab_size)
-    marker = {
-        "judge_id": jid,
-        "tokens": int(len(tokens)),
-        "flags_crc32": _flags_crc(flags),
-        "judge_tokens": int(np.count_nonzero(flags & FLAG_JUDGE)),
-        "cpu_seconds": cpu,
-        "seconds": wall,
-        "questions": judge.questions - questions,
-        "forward_tokens": judge.forward_tokens - forward,
-    }
-    write_json(marker_path(path), marker)  # after the shard: a marker always describes the flags on disk
-    return marker

@@ -12,7 +12,7 @@ one) to ``OUT/tokenizer.model``; only then record the settings in ``OUT/prepare.
 tokenizer that failed to train commits nothing, so a rerun with other settings is
 accepted; a tokenizer.model without prepare.json is a leftover and is trained again); stream the documents in shards of ``shard_docs`` to K worker
 processes, each tokenizing + labeling a whole shard and writing it atomically; then the
-judge step (``judge.py``: flag bit 1 from ``--judge``, a step of its own); finally write
+judge step (``relabel.py``: flag bit 1 from ``--judge``, a step of its own); finally write
 ``OUT/stats.json``. The directory layout and the shard format are in ``shards.py``.
 
 Resumable: a shard is the unit of work. A rerun with the same settings keeps every shard
@@ -21,7 +21,7 @@ the others; a rerun with different settings (inputs, tokenizer, labeling rule, s
 is refused, because mixing them in one directory would mix two datasets. ``workers`` and
 ``label.batch_size`` may change between runs: they change speed, not content. Neither
 may the judge: a rerun with another ``--judge`` keeps the spaCy shards and relabels only
-bit 1 (``judge.py`` says how).
+bit 1 (``relabel.py`` says how).
 
 A worker that dies (killed, out of memory) stops the run with one sentence instead of a
 hang (``concurrent.futures`` notices the dead process); finished shards are kept. Workers
@@ -177,7 +177,7 @@ def _prepare_locked(cfg: PrepareConfig, files: list[Path], out: Path, start: flo
         skips.close()
     bar.close()
     _remove_stale(out, len(done_stats))
-    from lacy_fast.data.judge import run_judge
+    from lacy_fast.data.relabel import run_judge
 
     judged = run_judge(cfg, out, tok, progress=progress)
 

@@ -1,53 +1,25 @@
-"""Atomic facts of a generation, and whether an article states them: the model-free judge.
+"""Atomic facts of a generation, and whether an article states them: the model-free verifier.
 
     nlp = load_spacy(full=True)
     claims = extract_claims(nlp(generation), subject="Ada Lovelace")
     evidence = Evidence([nlp(p.text) for p in passages], subject="Ada Lovelace")
     evidence.supports(claims[0])   # True / False
 
-An atomic fact here is a *checkable claim*: a name, a date or a number that a sentence of
-the generation states, with the sentence's predicate that governs it.
+An atomic fact is a *checkable claim*: a date (``find_dates``), a number (``find_numbers``,
+number entities and NUM tokens; "one" left out) or a name (``NAME_LABELS`` entities and
+capitalised PROPN runs) that a sentence states, outside the subject's own name (any words
+of the title). Each claim carries its *relation*: the lemma of the first content verb above
+it in the dependency tree (``LIGHT_VERBS`` do not count), plus for a number the noun it
+counts. A repeated claim (kind, value, relation) is stated once.
 
-Extraction (spaCy's full English pipeline: tagger, parser, lemmatizer, entity recogniser),
-per sentence of the generation:
-- dates: day / month / year written as "12 March 1950", "March 12, 1950", "1950-03-12",
-  "March 1950", "12 March", "1950s" or a year alone (1000-2099), found in the sentence's
-  text; a date is (year, month, day, decade) with what it leaves out unknown;
-- numbers: the entity types CARDINAL, ORDINAL, QUANTITY, MONEY, PERCENT, and number tokens
-  (POS NUM) outside any entity and outside a date, as numeric values ("1,234" = 1234,
-  "two" = 2, "3rd" = "third" = 3, "5 million" = 5e6); the word "one" is left out (mostly a
-  pronoun: "one of the first");
-- names: the entity types PERSON, NORP, FAC, ORG, GPE, LOC, PRODUCT, EVENT, WORK_OF_ART,
-  LAW, LANGUAGE, and runs of proper nouns (POS PROPN) outside any entity (invented or rare
-  names the recogniser misses), outside dates, with a capital letter (a lower-case run is a
-  common noun the tagger took for a name: "the parish register");
-- the subject is no claim: a name whose words are all words of the title (the full name, a
-  surname or first name alone, "Tolk's") is the subject being named; a parenthesised part
-  of the title ("Anna Tolk (biologist)") is not part of the name.
-Each claim carries its *relation*: the lemma of the first content verb above it in the
-dependency tree ("born" -> bear, "lives" -> live; be / have / become / do / get are too
-light to count), plus, for a number, the noun it counts ("two children" -> child). A
-generation that repeats a claim (same kind, value and relation) states it once.
-
-Normalisation, on both sides: Unicode NFKD with accents dropped, case folded, punctuation
-ignored, "the" and a possessive "'s" dropped, single letters (initials) dropped from names;
-numbers and dates compared as values, whatever their format.
-
-Support: a claim is supported when the evidence (the subject's retrieved passages) states
-its value, after normalisation:
-- a name: its words occur contiguously in a sentence's words (so "Vell" is found in
-  "Boris Vell", and "Boris A. Vell" in "Boris Vell");
-- a date: a date of the sentence agrees on every part the claim gives (a claimed "1950" is
-  supported by "12 March 1950"; a claimed "12 March 1950" is not supported by "1950" alone);
-  a decade by any year in it;
-- a number: a number of the sentence with the same value (a year counts as a number);
-and the relations agree: either a sentence states the value under a compatible relation
-(either relation empty, or a shared lemma), or the value is stated and no passage gives the
-claim's relation *another* value of the claim's kind (a conflict). That tells a birthplace
-from a place of residence both named in the article: "born in Gravholm" is not supported by
-an article saying "born in Tolmere ... lives in Gravholm", while a paraphrase with another
-verb ("Helm Industries employed him" for "he worked for Helm Industries") is supported, as
-long as the article does not say who employed him otherwise.
+Both sides are normalised (accents, case, punctuation, "the", possessive "'s", initials);
+dates and numbers compare as values. A claim is supported when a sentence of the evidence
+states its value (a name as contiguous words; a date agreeing on every part the claim
+gives; a number of equal value) under a compatible relation (either empty, or a shared
+lemma), or the value is stated and no passage gives the claim's relation another value of
+its kind: so "born in Gravholm" is refused by "born in Tolmere ... lives in Gravholm", and
+a paraphrase under another verb is accepted. README ("FactScore on real text") lists what
+these rules cannot judge.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 ``--generations``: JSONL, one ``{"title": ..., "generation": ...}`` per line (other keys
 are ignored). ``--knowledge``: JSONL of ``{"title", "text"}`` articles, or the synthetic
 facts.jsonl of ``lacy-fast synth`` (scored exactly, as `lacy-fast eval --facts` does).
-Every title must be in the source. ``sources.py`` defines the atomic facts, the judges and
+Every title must be in the source. ``sources.py`` defines the atomic facts, the verifiers and
 the score.
 
 Prints a summary table and one line per generation; ``--out FILE`` writes the details (and
@@ -29,7 +29,8 @@ from typing import Any
 from lacy_fast.config import Config, doc
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import check_writable, jsonl_string_pairs, utf8_problem, write_json
-from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
+from lacy_fast.eval.report import format_scores
+from lacy_fast.overrides import Shorthand, add_config_arguments, configure, shorthand_help
 from lacy_fast.progress import Progress
 
 GEN_HINT = 'JSONL with one {"title": ..., "generation": ...} per line'
@@ -91,10 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.explain:
-        print_explain(FactScoreConfig, "factscore", SHORTHANDS)
+    cfg = configure(FactScoreConfig, args, SHORTHANDS, "factscore")
+    if cfg is None:
         return 0
-    cfg = build_config(FactScoreConfig, args, SHORTHANDS, command="factscore")
     if args.knowledge is None or args.generations is None:
         raise UserError("pass --knowledge FILE (the facts to check against) and --generations FILE (what to score)")
     if args.out is not None and args.out.is_dir():
@@ -118,29 +118,5 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
             raise UserError(f"--out {args.out} could not be written ({err.strerror}); the result is printed above")
     if not args.json:
-        print(format_summary(result, args.out))
+        print(format_scores(result, args.out))
     return 0
-
-
-def format_summary(result: dict[str, Any], out: Path | None, rows: int = 20) -> str:
-    """The summary table, then one line per generation (the first ``rows``)."""
-    def cell(v: Any, fmt: str) -> str:
-        return "-" if v is None else fmt.format(v)
-
-    lines = [f"FactScore of {result['generations']} generations against {result['knowledge']} ({result['source']}, "
-             f"judge {result['judge']}, {result['seconds']:.1f} s)", "",
-             f"{'FactScore':>9}  {'micro':>5}  {'supported':>9}  {'facts/gen':>9}  {'with facts':>10}",
-             f"{cell(result['factscore'], '{:.3f}'):>9}  {cell(result['micro'], '{:.3f}'):>5}  "
-             f"{str(result['supported']) + '/' + str(result['facts']):>9}  {result['facts_per_generation']:>9.2f}  "
-             f"{result['share_with_facts']:>10.0%}", ""]
-    items = result["items"]
-    width = min(40, max([len("title")] + [len(i["title"]) for i in items[:rows]]))
-    lines.append(f"{'title':<{width}}  {'facts':>5}  {'supported':>9}  {'score':>5}")
-    for i in items[:rows]:
-        lines.append(f"{i['title'][:width]:<{width}}  {i['facts']:>5}  {i['supported']:>9}  "
-                     f"{cell(i['score'], '{:.2f}'):>5}")
-    if len(items) > rows:
-        lines.append(f"... {len(items) - rows} more")
-    lines += ["", f"details (each claim and its verdict): {out}" if out is not None else
-              "pass --out FILE for the details (each claim and its verdict), or --json to print them"]
-    return "\n".join(lines)

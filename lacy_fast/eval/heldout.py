@@ -1,40 +1,25 @@
-"""Teacher-forced measures on held-out text: perplexity and call precision / recall.
+"""Teacher-forced measures on held-out text: perplexity, call precision / recall, fact leakage.
 
-One forward pass per held-out text gives, at every target position, everything the
-perplexity, the call statistics and the fact leakage (``leakage.py``) need, so the three
-cost one pass. Inference only, logits in fp32, computed per text so no (texts x tokens x
-vocabulary) tensor is held.
+One forward pass per held-out text (inference only, fp32 logits, per text) gives at every
+target position all three need. The model reads EOS then the text and predicts every text
+token and the closing EOS; a text longer than the context is cut to ``max_seq_len``
+targets, and the facts cut off are counted in ``truncated_facts``. Fact positions: the
+targets whose characters overlap a value of the person (its first whole-word occurrence,
+``facts.value_spans``), leading whitespace excluded.
 
-Positions: the model reads EOS then the text (``slm.context_ids``: documents follow EOS in
-training) and predicts every text token and the closing EOS. A text longer than the
-model's context is cut to ``max_seq_len`` targets; the facts cut off are not scored
-(counted in ``truncated_facts``).
+- ``perplexity``: exp of the mean NLL renormalised without <CALL> (``-log(p(y) / (1 -
+  p(CALL)))``, what the LaCy objective trains), over all targets, fact and other positions.
+- ``call_stats``: the call rule decides at every position from the call score, in text
+  order, as in generation; precision / recall against the fact positions, ``recall_first``
+  (values whose first token is called), where the calls land (unknown fact, known fact,
+  free wording, other) and the ROC AUC of the score between unknown-fact tokens and the rest.
+- ``leakage``: a value leaks when greedy decoding from the gold prefix, <CALL> forbidden,
+  reproduces its tokens exactly: from the one pass, iff the argmax without <CALL> is the
+  gold token at every position of the value (``tests/test_eval.py`` checks it against
+  explicit decoding). The held-out sentence is new to the model, so a leak is a memorised
+  fact, not a memorised sentence.
 
-Fact positions: each of the person's values is located in the held-out text (its first
-whole-word occurrence, ``facts.value_spans``); the target positions of its tokens (those
-whose characters overlap the value, leading whitespace excluded, as
-``Tokenizer.encode_with_offsets`` reports) are fact positions of that attribute.
-
-- Perplexity: exp of the mean renormalised NLL ``-log(p(y) / (1 - p(CALL)))`` over all
-  targets (a held-out text never has <CALL> as target, and the renormalisation is what the
-  LaCy objective trains, so models that call and models that don't are comparable); also
-  over fact and other positions apart.
-- Calls: at every position the call rule (``cascade/rules.py``) decides from the call score
-  (p(CALL), or the SLM's own uncertainty), as it would in generation, positions fed in text
-  order (the budget rule calibrates on them). ``precision`` = calls at fact positions /
-  calls, ``recall`` = calls at fact positions / fact positions, ``recall_first`` = share of
-  values whose first token is called (a call there is enough for a big model that supplies
-  the word or the value). The mean p(CALL) on fact positions against the other positions
-  shows how well the model separates them whatever the rule.
-- Where calls land, and whom the score separates. Each position is one of: an *unknown
-  fact* (a token of a value the SLM does not know: greedy decoding from the gold prefix,
-  <CALL> forbidden, does not reproduce the whole value, as in ``leakage.py``), a *known
-  fact* (a token of a value it reproduces), *free wording* (a token of the held-out text's
-  free-wording spans, ``heldout.jsonl`` ``free``: an acceptable alternative), or *other*.
-  ``landing`` = the share of the rule's calls in each class; ``auc`` = the ROC AUC of the
-  call score between unknown-fact tokens and all other positions (0.5: no separation, 1:
-  every unknown-fact token above every other position), ``auc_first`` the same for the
-  first token of each unknown value against every position outside a value.
+docs/method.md (section 8) defines each measure in full.
 """
 from __future__ import annotations
 
@@ -228,3 +213,24 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
         ranks[order[lo:hi]] = (lo + 1 + hi) / 2
     n_pos, n_neg = len(positive), len(negative)
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def leaks(scores: TextScores) -> list[tuple[str, bool]]:
+    """(attribute, leaked) for each value of one held-out text."""
+    return [(attr, known) for (attr, _, _), known in zip(scores.spans, scores.known())]
+
+
+def leakage(scores: list[TextScores]) -> dict[str, Any]:
+    """Leaked values / values, also per attribute (in order of appearance)."""
+    results = [r for s in scores for r in leaks(s)]
+    by_attribute = {}
+    for attr in dict.fromkeys(a for a, _ in results):
+        hits = [leaked for a, leaked in results if a == attr]
+        by_attribute[attr] = sum(hits) / len(hits) if hits else None
+    return {
+        "leakage": sum(leaked for _, leaked in results) / len(results) if results else None,
+        "facts": len(results),
+        "leaked": sum(leaked for _, leaked in results),
+        "truncated_facts": sum(s.truncated_facts for s in scores),
+        "by_attribute": by_attribute,
+    }
