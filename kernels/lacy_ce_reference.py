@@ -291,19 +291,11 @@ def ordinary_coefs(lse_nc: torch.Tensor, z_call: torch.Tensor, coef: torch.Tenso
 # ----------------------------------------------------------------------------------------
 
 
-def lacy_ce_one_pass(
-    backend,  # namespace: row_stats, ordinary, delta_weight (CHUNKED below, or lacy_ce.TRITON)
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    flags: torch.Tensor,
-    ref_nll: torch.Tensor | None,
-    call_id: int,
-    opts: LossOptions,
-    bound: int,
-    grads: bool,
-) -> tuple[torch.Tensor, ...]:
-    """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale).
+def lacy_ce_one_pass(backend, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor,
+                     ref_nll: torch.Tensor | None, call_id: int, opts: LossOptions, bound: int, grads: bool
+                     ) -> tuple[torch.Tensor, ...]:
+    """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale). ``backend``: a
+    namespace of row_stats, ordinary and delta_weight (``CHUNKED`` below, or lacy_ce.TRITON).
 
     The gradients are those of the loss itself (upstream gradient 1), in the input dtypes;
     the backward multiplies them by the upstream gradient times ``grad_scale``, which is 1,

@@ -28,7 +28,7 @@ from lacy_fast.cascade.engine import Cascade, summarize
 from lacy_fast.cascade.slm import load_model, resolve_device
 from lacy_fast.config import CALL_RULES, CALL_SCORES, CascadeConfig
 from lacy_fast.errors import UserError
-from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
+from lacy_fast.overrides import Shorthand, add_config_arguments, config_or_explain, shorthand_help
 
 # Options generate and eval share, each a shorthand for a CascadeConfig key (under
 # ``cascade.`` in eval's EvalConfig).
@@ -88,10 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.explain:
-        print_explain(CascadeConfig, "generate", SHORTHANDS)
+    if (cfg := config_or_explain(CascadeConfig, args, SHORTHANDS, "generate")) is None:  # --explain
         return 0
-    cfg = build_config(CascadeConfig, args, SHORTHANDS, command="generate")
     if not args.slm:
         raise UserError("no SLM given; pass --slm OUT/export (or a run's out_dir)")
     titles = _titles(args)

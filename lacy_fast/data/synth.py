@@ -23,7 +23,7 @@ from typing import Iterator
 from lacy_fast.config import Config, doc
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import atomic_path
-from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
+from lacy_fast.overrides import Shorthand, add_config_arguments, config_or_explain, shorthand_help
 
 ATTRIBUTES = ("birth_date", "birth_place", "nationality", "education", "occupation", "employer", "award",
               "residence")
@@ -548,11 +548,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, SynthConfig)
 
 
+def _doc_of(name: str) -> str:
+    import dataclasses as dc
+
+    return next(f.metadata["doc"] for f in dc.fields(SynthConfig) if f.name == name)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.explain:
-        print_explain(SynthConfig, "synth", SHORTHANDS)
+    if (cfg := config_or_explain(SynthConfig, args, SHORTHANDS, "synth")) is None:  # --explain
         return 0
-    cfg = build_config(SynthConfig, args, SHORTHANDS, command="synth")
     if not cfg.out:
         raise UserError("no output directory given; pass --out DIR")
     regime = Regime(cfg.frequent_share, cfg.frequent_docs, cfg.free_wording, cfg.mentions)
@@ -560,9 +564,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {counts['documents']} biographies of {counts['people']} people ({counts['frequent']} frequent, "
           f"{counts['facts']} facts) and {counts['heldout']} held-out renderings to {cfg.out}")
     return 0
-
-
-def _doc_of(name: str) -> str:
-    import dataclasses as dc
-
-    return next(f.metadata["doc"] for f in dc.fields(SynthConfig) if f.name == name)
