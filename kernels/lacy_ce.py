@@ -615,7 +615,7 @@ def lacy_linear_cross_entropy(
     hidden   (N, D) float32 or bfloat16 (float16 too): final hidden states, flattened.
     weight   (V, D) same dtype: the output head; V includes <CALL>.
     targets  (N,) int64; ignore_index marks a position without a target (so do targets
-             outside [0, V) and targets equal to call_id; see lacy_ce_reference.py).
+             outside [0, V) and targets equal to call_id; see docs/loss-op.md).
     flags    (N,) uint8 (any integer dtype): bit 0 fact token, bit 1 judge label.
     call_id  id of <CALL>.
     strategy none | loss | spacy | lacy | rho | judge | ignore (docs/method.md).
