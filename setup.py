@@ -78,7 +78,7 @@ setup(
     description="Pretraining trainer for small language models that learn when to <CALL> a bigger model (LaCy).",
     python_requires=">=3.10",
     packages=packages,
-    package_data={"lacy_fast": ["presets/*.toml"]},
+    package_data={"lacy_fast": ["run_files/*.toml"]},
     ext_modules=[native],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     install_requires=[

@@ -74,7 +74,7 @@ from harness import (PINNED_MMAP_THRESHOLD, env_info, peak_memory, print_table, 
                      set_mmap_threshold, synchronize)
 
 from lacy_fast.kernels import lacy_linear_cross_entropy, selection_bound  # noqa: E402
-from lacy_fast.kernels.lacy_ce_reference import (RANKED, chunk_rows, lacy_ce_torch, select_calls,  # noqa: E402
+from lacy_fast.kernels.lacy_ce_reference import (RANKED, LossOptions, chunk_rows, lacy_ce_torch, select_calls,  # noqa: E402
                                                  stat_dtype, valid_targets)
 
 GPU_SHAPE = (16384, 1024, 32064)
@@ -296,7 +296,7 @@ def verify(p: Provider, inputs, rows: int) -> str:
 
     def reference(h, w):
         def fn(hh, ww, t, f, c):
-            loss, stats = lacy_ce_torch(hh, ww, t, f, c, strategy, CALL_FRACTION, ignore_index=IGNORE,
+            loss, stats = lacy_ce_torch(hh, ww, t, f, c, LossOptions(strategy, CALL_FRACTION, IGNORE),
                                         selected=is_call)
             return loss, stats
         out, stats = _run(fn, h, w, rest, upstream)

@@ -43,7 +43,6 @@ real commit.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -58,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 from lacy_fast.errors import UserError  # noqa: E402  (a plain package: importable from the checkout)
+from lacy_fast.fileio import sha256_of  # noqa: E402
 
 STAGES = ("tests", "kernel", "train", "determinism")
 # Of the budget left after setup (kernel: two torch.compile builds; train: four DeepSpeed starts).
@@ -79,14 +79,6 @@ def use_checkout() -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_wheels(folder: Path, limit: int = LIMIT_BYTES) -> list[Path]:
     """The wheels of a folder bench/gpu_wheels.py prepared, checked against its manifest."""
     if not folder.is_dir():
@@ -104,7 +96,7 @@ def check_wheels(folder: Path, limit: int = LIMIT_BYTES) -> list[Path]:
     wheels = sorted(folder.glob("*.whl"))
     for wheel in wheels:
         entry = listed.get(wheel.name)
-        if entry is None or entry["bytes"] != wheel.stat().st_size or entry["sha256"] != _sha256(wheel):
+        if entry is None or entry["bytes"] != wheel.stat().st_size or entry["sha256"] != sha256_of(wheel):
             raise UserError(f"{wheel} does not match {MANIFEST}; prepare the folder again")
     absent = sorted(set(listed) - {w.name for w in wheels})
     if absent:
@@ -217,7 +209,7 @@ def run_trainer(data: Path, out: Path, strategy: str, attention: str, shape: dic
             self.log()
 
     warmup, steps = shape["warmup"], shape["steps"]
-    cfg = load_config(RunConfig, shape["preset"], [
+    cfg = load_config(RunConfig, shape["run_file"], [
         f"data.path={data}", f"out_dir={out}", f"train.seq_len={shape['seq_len']}",
         f"model.max_seq_len={max(shape['seq_len'], 256)}", f"train.micro_batch_size={shape['micro_batch']}",
         "train.grad_accum=1", f"train.max_steps={warmup + steps}", f"train.log_every={warmup}", "train.ckpt_every=0",
@@ -266,15 +258,15 @@ def stage_train(args) -> int:
     _block_spacy()
     if args.cpu_dry_run:
         device = torch.device("cpu")
-        shape = dict(preset="tiny", seq_len=64, micro_batch=2, steps=2, warmup=1, vocab=400, precision="fp32")
+        shape = dict(run_file="tiny", seq_len=64, micro_batch=2, steps=2, warmup=1, vocab=400, precision="fp32")
     else:
         device = torch.device("cuda")
-        shape = dict(preset="lacy-334m", seq_len=1024, micro_batch=16, steps=25, warmup=5, vocab=32000,
+        shape = dict(run_file="lacy-334m", seq_len=1024, micro_batch=16, steps=25, warmup=5, vocab=32000,
                      precision="bf16")
     shape["zero_stage"] = 1
     backends = ["flash", "sdpa"] if flash_available() and device.type == "cuda" else ["sdpa"]
-    common = {"loop": "Trainer", "engine": "deepspeed", "zero_stage": shape["zero_stage"], "preset": shape["preset"],
-              "seq_len": shape["seq_len"], "micro_batch": shape["micro_batch"], "steps": shape["steps"],
+    common = {"loop": "Trainer", "engine": "deepspeed", "zero_stage": shape["zero_stage"],
+              "run_file": shape["run_file"], "seq_len": shape["seq_len"], "micro_batch": shape["micro_batch"], "steps": shape["steps"],
               "precision": shape["precision"], "world_size": 1,
               "data": f"synthetic shards: random ids, {FACT_SHARE:.0%} fact flags, {shape['vocab']}-piece tokenizer",
               "deepspeed": importlib.metadata.version("deepspeed")}
@@ -299,7 +291,7 @@ def stage_train(args) -> int:
     for row in rows:
         if row.get("strategy") == "lacy" and "tokens_per_s" in row and row["attention"] in base:
             row["overhead_vs_none"] = base[row["attention"]] / row["tokens_per_s"] - 1.0
-    print_table(rows, ["preset", "strategy", "attention", "tokens_per_s", "step_ms", "mfu", "peak_mem_gb",
+    print_table(rows, ["run_file", "strategy", "attention", "tokens_per_s", "step_ms", "mfu", "peak_mem_gb",
                        "overhead_vs_none", "status"])
     record("train_step", rows, env_info(device), out=args.results / "train_step.jsonl")
     return 1 if failed else 0

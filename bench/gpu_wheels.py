@@ -32,7 +32,6 @@ size and sha256; gpu_check.py verifies them before it installs anything.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -45,7 +44,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lacy_fast.errors import UserError  # noqa: E402
-from lacy_fast.fileio import write_json  # noqa: E402
+from lacy_fast.fileio import sha256_of, write_json  # noqa: E402
 
 LIMIT_BYTES = 64 * 2**20
 MANIFEST = "MANIFEST.json"
@@ -84,14 +83,6 @@ def check_size(folder: Path, limit: int = LIMIT_BYTES) -> int:
         raise UserError(f"the wheel folder {folder} holds {total / 2**20:.1f} MiB, more than the "
                         f"{limit / 2**20:.0f} MiB a GPU check may bring; drop a package from PACKAGES")
     return total
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip(args: list[str], env: dict | None = None) -> None:
@@ -156,7 +147,7 @@ def main(argv: list[str] | None = None, download: Callable[[list[str], Path], No
             raise UserError(f"no wheel of {', '.join(absent)} arrived in {out}; check the pins in PACKAGES")
         check_kinds(wheels)
         total = check_size(out)
-        write_json(out / MANIFEST, {"wheels": [{"file": w.name, "bytes": w.stat().st_size, "sha256": sha256(w)}
+        write_json(out / MANIFEST, {"wheels": [{"file": w.name, "bytes": w.stat().st_size, "sha256": sha256_of(w)}
                                                for w in wheels],
                                     "packages": [{"name": n, "version": v, "kind": k, "why": why}
                                                  for n, v, k, why in PACKAGES]})

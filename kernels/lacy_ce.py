@@ -4,55 +4,19 @@
                                             strategy="lacy", call_fraction=0.6,
                                             max_selected=selection_bound(count, N))
 
-The method (docs/method.md): per position the logits z = W h; the
-highest-loss share of the candidate targets becomes <CALL> (loss -log p(CALL), full
-softmax); every other valid target is scored by cross-entropy with <CALL> excluded and
-the rest renormalised, nll = lse_nc - z_y (``renormalize=True``, the paper), or by plain
-cross-entropy over the full vocabulary (``renormalize=False``). Semantic details, the
-one-pass algorithm and the pure-PyTorch implementations are in ``lacy_ce_reference.py``.
-
 The file reads top to bottom:
   1. Triton kernels: the logit tiles with their row statistics (and, when gradients are
      wanted, the logits themselves, one chunk of rows at a time), d loss / d logits, and
      the fp32-accumulating weight-gradient GEMM.
-  2. Host launchers with their launch settings and napkin math.
+  2. Host launchers with their launch settings.
   3. The op, registered with ``torch.library`` (custom op + fake + autograd) so
      ``torch.compile(fullgraph=True)`` traces through it with no graph break.
   4. The public function.
 
-Passes (triton), the one-pass algorithm of ``lacy_ce_reference.py``:
-  forward   per chunk of rows: a kernel computes the logit tiles, their online
-            log-sum-exp over v != CALL, the CALL and target logits, and writes the chunk's
-            logits (input dtype); a second kernel turns them in place into the ordinary
-            d loss / d logits; grad_hidden[chunk] = dz @ W with cuBLAS; grad_weight +=
-            dz^T @ h with a Triton GEMM that accumulates in fp32. Then selection on device
-            (a stable sort, no host synchronisation), then the correction of the selected
-            rows: grad_hidden from per-row values, grad_weight from their recomputed logits
-            (one more dlogits kernel and GEMM over at most ``bound`` rows).
-            Three GEMM units + 2 bound / N (a GEMM unit = 2 N V D FLOPs) for the ranked
-            strategies; three for none, spacy and judge, and for renormalize=False (whose
-            correction is one-hot rows) except ignore.
-  backward  grad_hidden and grad_weight times the upstream gradient (two elementwise
-            products). The forward keeps the gradients, not hidden and weight.
-  no grad   (torch.no_grad, or neither input requires grad) one GEMM unit: the statistics
-            kernel alone, no logits written.
-
-How ``bound`` (the most rows the correction handles) reaches the host without a
-synchronisation: the caller passes it as ``max_selected``, a host int. The training loop
-knows each micro-batch's selection count on the host before the copy to the device (it is
-fixed by the flags: ``selected_count`` in lacy_fast/train/loop.py) and passes
-``selection_bound(count, N)``, that count rounded up to a bucket of N/128 rows: an exact
-bound would change every step, and torch.compile guards on an int argument (a recompile
-when it changes, then a symbolic int; CUDA graphs record a graph per value), so buckets
-keep the values few for under N/128 extra rows. Without a hint, on CPU tensors the op
-counts the selection itself (free there) and takes its ``selection_bound``; on CUDA it
-takes the bound from the arguments alone (``static_bound``: floor(call_fraction N)),
-always correct, slower, and warns once naming the hint (under torch.compile it takes that
-bound too). Only the ranked strategies (lacy, loss, rho, ignore) need the bound:
-spacy and judge select by the flags, known before any logit, so their rows get the <CALL>
-gradient in the first pass. On device the op checks the bound: if more rows were
-selected the loss and gradients are NaN, never silently wrong.
+The method is in docs/method.md; the semantics, the one-pass algorithm, the passes with
+their costs and how ``max_selected`` bounds the correction are in docs/loss-op.md.
 """
+import dataclasses
 import os
 import types
 import warnings
@@ -128,14 +92,18 @@ def _logit_tile(h_rows, w_rows, row_ok, col_ok, D, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
-    """(row tile, column tile) of program ``pid``, GROUP row tiles sweeping the columns
-    together so the column operand's tiles are reused from L2 (the matmul tutorial's order)."""
-    per_group = GROUP * n_col_tiles
+def _grouped_tile(M, P, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, GROUP: tl.constexpr):
+    """(rows, cols, row_ok, col_ok) of this program's (BLOCK_M, BLOCK_P) tile of an (M, P)
+    output, GROUP row tiles sweeping the columns together so the column operand's tiles are
+    reused from L2 (the matmul tutorial's order)."""
+    pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP * tl.cdiv(P, BLOCK_P)
     first_row = (pid // per_group) * GROUP
     group_rows = tl.minimum(n_row_tiles - first_row, GROUP)
-    return first_row + (pid % per_group) % group_rows, (pid % per_group) // group_rows
-
+    rows = (first_row + (pid % per_group) % group_rows) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = ((pid % per_group) // group_rows) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return rows, cols, rows < M, cols < P
 
 
 @triton.jit
@@ -210,11 +178,7 @@ def _lacy_ce_dlogits_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     # One (BLOCK_N, BLOCK_V) tile per program, in grouped order (weight tiles shared in L2).
-    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(C, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < C
-    col_ok = cols < V
+    rows, cols, row_ok, col_ok = _grouped_tile(C, V, BLOCK_N, BLOCK_V, GROUP_N)
     dz_ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if LOGITS_IN:
@@ -248,12 +212,7 @@ def _matmul_tn_acc_kernel(
 ):
     # A plain GEMM (a transposed on load) whose epilogue adds into an fp32 buffer: every
     # output tile belongs to one program, so no atomics and a deterministic result.
-    pid_m, pid_p = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(P, BLOCK_P), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_ok = offs_m < M
-    p_ok = offs_p < P
+    offs_m, offs_p, m_ok, p_ok = _grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -573,28 +532,27 @@ def _lacy_ce(
     flags: torch.Tensor,
     ref_nll: torch.Tensor | None,
     call_id: int,
+    bound: int,
+    grads: bool,
+    impl: str,
+    # LossOptions' fields, in order: the schema takes no structs
     strategy: str,
     call_fraction: float,
     ignore_index: int,
     renormalize: bool,
     call_weight: float,
     weight_by_error: bool,
-    bound: int,
-    grads: bool,
-    impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale): the forward, with
     the gradients of the loss when ``grads`` (else empty), see ``lacy_ce_one_pass``. The
-    scalar options travel as separate arguments (the schema takes no structs) and become one
-    ``LossOptions`` here."""
+    scalar options travel as separate arguments and become one ``LossOptions`` here."""
     opts = LossOptions(strategy, call_fraction, ignore_index, renormalize, call_weight, weight_by_error)
     return lacy_ce_one_pass(TRITON if impl == "triton" else CHUNKED, hidden, weight, targets, flags, ref_nll,
                             call_id, opts, bound, grads)
 
 
 @_lacy_ce.register_fake
-def _(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, ignore_index, renormalize,
-      call_weight, weight_by_error, bound, grads, impl):
+def _(hidden, weight, targets, flags, ref_nll, call_id, bound, grads, impl, *options):
     n = hidden.shape[0]
     sdt = stat_dtype(hidden.dtype)
     row = hidden.new_empty(n, dtype=sdt)
@@ -614,13 +572,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)  # no gradient for any argument but hidden and weight
     if grad_loss is None:  # the loss itself took no part in what was differentiated
-        return (None,) * 15
+        return (None, None, *rest)
     grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
     scale = grad_loss.to(grad_scale.dtype) * grad_scale  # NaN when the selection bound was exceeded
     return (grad_hidden * scale if ctx.needs_input_grad[0] else None,
             grad_weight * scale if ctx.needs_input_grad[1] else None,
-            *[None] * 13)
+            *rest)
 
 
 _lacy_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -656,7 +615,7 @@ def lacy_linear_cross_entropy(
     hidden   (N, D) float32 or bfloat16 (float16 too): final hidden states, flattened.
     weight   (V, D) same dtype: the output head; V includes <CALL>.
     targets  (N,) int64; ignore_index marks a position without a target (so do targets
-             outside [0, V) and targets equal to call_id; see lacy_ce_reference.py).
+             outside [0, V) and targets equal to call_id; see docs/loss-op.md).
     flags    (N,) uint8 (any integer dtype): bit 0 fact token, bit 1 judge label.
     call_id  id of <CALL>.
     strategy none | loss | spacy | lacy | rho | judge | ignore (docs/method.md).
@@ -697,52 +656,59 @@ def lacy_linear_cross_entropy(
     forward and kept for the backward. No host synchronisation: the op runs inside CUDA
     graphs and under torch.compile(fullgraph=True).
     """
-    impl = _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,
-                       max_selected)
-    _check_call_weight(strategy, call_weight, weight_by_error)
+    opts = _checked_options(LossOptions(strategy, call_fraction, ignore_index, renormalize, call_weight,
+                                        weight_by_error))
+    impl = _check_args(hidden, weight, targets, flags, call_id, ref_nll, impl, max_selected, opts)
     if impl == "torch":
-        return lacy_ce_torch(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll,
-                             ignore_index, renormalize, call_weight=float(call_weight),
-                             weight_by_error=bool(weight_by_error))
+        return lacy_ce_torch(hidden, weight, targets, flags, call_id, opts, ref_nll)
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if max_selected is None:
-        bound = _default_bound(strategy, call_fraction, targets, flags, weight.shape[0], call_id, ignore_index)
-    else:
-        bound = max_selected
+    bound = _default_bound(opts, targets, flags, weight.shape[0], call_id) if max_selected is None else max_selected
     loss, nll, is_call, p_call, *_ = _lacy_ce(hidden, weight, targets, flags, ref_nll if strategy == "rho" else None,
-                                              call_id, strategy, float(call_fraction), ignore_index, renormalize,
-                                              float(call_weight), bool(weight_by_error), bound, grads, impl)
+                                              call_id, bound, grads, impl, *opts.values())
     return loss, {"nll": nll, "is_call": is_call, "p_call": p_call}
 
 
-def _check_call_weight(strategy: str, call_weight: float, weight_by_error: bool) -> None:
-    if isinstance(call_weight, bool) or not isinstance(call_weight, (int, float)) or not 0.0 < call_weight <= 1.0:
-        raise LacyLossArgumentError(f"call_weight is {call_weight!r}; it must lie in (0, 1] (1: the paper's relabel)")
-    if not isinstance(weight_by_error, bool):
-        raise LacyLossArgumentError(f"weight_by_error must be True or False; got {weight_by_error!r}")
-    if (call_weight != 1.0 or weight_by_error) and strategy not in RELABEL_RANKED:
-        raise LacyLossArgumentError(f"a soft relabel (call_weight < 1 or weight_by_error) applies to the ranked "
-                                    f"strategies that relabel ({', '.join(RELABEL_RANKED)}), not to {strategy!r}")
+def _checked_options(opts: LossOptions) -> LossOptions:
+    """``opts`` with its numbers as Python floats, or a LacyLossArgumentError that says which
+    option cannot be used."""
+    def fail(message: str):
+        raise LacyLossArgumentError(message)
+
+    if opts.strategy not in STRATEGIES:
+        fail(f"strategy {opts.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if not 0.0 <= float(opts.call_fraction) <= 1.0:
+        fail(f"call_fraction is {opts.call_fraction!r}; it must lie in [0, 1]")
+    if not isinstance(opts.renormalize, bool):
+        fail(f"renormalize must be True or False; got {opts.renormalize!r}")
+    weight = opts.call_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < weight <= 1.0:
+        fail(f"call_weight is {weight!r}; it must lie in (0, 1] (1: the paper's relabel)")
+    if not isinstance(opts.weight_by_error, bool):
+        fail(f"weight_by_error must be True or False; got {opts.weight_by_error!r}")
+    if opts.soft and opts.strategy not in RELABEL_RANKED:
+        fail(f"a soft relabel (call_weight < 1 or weight_by_error) applies to the ranked strategies that relabel "
+             f"({', '.join(RELABEL_RANKED)}), not to {opts.strategy!r}")
+    return dataclasses.replace(opts, call_fraction=float(opts.call_fraction), call_weight=float(weight))
 
 
 _HINT_NOTED = []  # the one-time message of _default_bound, once per process
 
 
-def _default_bound(strategy, call_fraction, targets, flags, vocab, call_id, ignore_index) -> int:
+def _default_bound(opts: LossOptions, targets, flags, vocab, call_id) -> int:
     """``max_selected`` of a call that gave none (lacy_linear_cross_entropy's docstring):
     the exact count's ``selection_bound`` on CPU (or the static bound where that is less:
     small N, coarse buckets), else the static bound and a one-time note."""
     n = targets.shape[0]
-    bound = static_bound(strategy, call_fraction, n)
+    bound = static_bound(opts.strategy, opts.call_fraction, n)
     if bound == 0 or torch.compiler.is_compiling():
         return bound
     if targets.device.type == "cpu":
-        valid = valid_targets(targets, vocab, call_id, ignore_index)
-        return min(bound, selection_bound(int(selection_size(strategy, valid, flags, call_fraction)), n))
+        valid = valid_targets(targets, vocab, call_id, opts.ignore_index)
+        return min(bound, selection_bound(int(selection_size(opts.strategy, valid, flags, opts.call_fraction)), n))
     if not _HINT_NOTED:
         _HINT_NOTED.append(True)
         warnings.warn(
-            f"lacy_linear_cross_entropy: without max_selected the {strategy!r} correction covers "
+            f"lacy_linear_cross_entropy: without max_selected the {opts.strategy!r} correction covers "
             f"floor(call_fraction * N) = {bound} of {n} rows on {targets.device.type}; pass "
             "max_selected=selection_bound(count, N), with count the positions the strategy selects as the host "
             "knows it (lacy_fast.method.selected_count of the batch's valid / fact / judge target counts), to "
@@ -751,20 +717,14 @@ def _default_bound(strategy, call_fraction, targets, flags, vocab, call_id, igno
     return bound
 
 
-def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction, ref_nll, impl, renormalize,
-                max_selected) -> str:
-    """Host-side checks of arguments and shapes (never of data); returns the resolved impl."""
+def _check_args(hidden, weight, targets, flags, call_id, ref_nll, impl, max_selected, opts: LossOptions) -> str:
+    """Host-side checks of the tensors' shapes (never of their data) and of the arguments
+    beside the options; returns the resolved impl."""
     def fail(message: str):
         raise LacyLossArgumentError(message)
 
-    if strategy not in STRATEGIES:
-        fail(f"strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
     if impl not in IMPLS:
         fail(f"impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
-    if not 0.0 <= float(call_fraction) <= 1.0:
-        fail(f"call_fraction is {call_fraction!r}; it must lie in [0, 1]")
-    if not isinstance(renormalize, bool):
-        fail(f"renormalize must be True or False; got {renormalize!r}")
     if max_selected is not None and (isinstance(max_selected, bool) or not isinstance(max_selected, (int, torch.SymInt))
                                      or (isinstance(max_selected, int) and max_selected < 0)):
         fail(f"max_selected must be None or a host-side int >= 0 (not a tensor); got {max_selected!r}")
@@ -782,7 +742,7 @@ def _check_args(hidden, weight, targets, flags, call_id, strategy, call_fraction
     if not 0 <= call_id < vocab:
         fail(f"call_id {call_id} is outside the vocabulary of {vocab} rows of weight")
     tensors = [hidden, weight, targets, flags]
-    if strategy == "rho":
+    if opts.strategy == "rho":
         if ref_nll is None:
             fail('strategy "rho" needs ref_nll, the reference model\'s (N,) nll of every position')
         if ref_nll.shape != (n,) or not ref_nll.dtype.is_floating_point:

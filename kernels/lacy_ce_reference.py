@@ -1,91 +1,24 @@
 """Pure-PyTorch pieces of the LaCy LM-head loss: selection, the reference, the one-pass
-algorithm and its chunked PyTorch backend.
-
-Everything here runs on any device and never synchronises with the host: counts, the
-selection budget ``k`` and the mean's denominator stay tensors; the only Python branches
-are on arguments (strategy, dtype, shapes, the host-side selection bound), never on data.
+algorithm and its chunked PyTorch backend. Nothing here synchronises with the host: Python
+branches only on arguments (strategy, dtype, shapes, the host-side bound), never on data.
 
 - ``select_calls``: which positions become <CALL> (shared by every implementation).
-- ``lacy_ce_torch``: the plain, obviously-correct reference. It materialises the (N, V)
-  logits and lets autograd differentiate; the tests run it in fp64 as the ground truth
-  and in the test dtype as the error yardstick, the benchmark runs it as the baseline.
-- ``lacy_ce_one_pass``: the algorithm of the fused implementations (below), written once
-  over a backend: ``CHUNKED`` here (the CPU training path), the Triton one in lacy_ce.py.
-- ``finish_rows``: from the per-row statistics every fused path produces (``lse_nc``,
-  ``z_call``, ``z_target``) to the loss and the stats.
+- ``LossOptions``: the op's scalar options, one value below the custom op's schema.
+- ``lacy_ce_torch``: the plain reference over materialised (N, V) logits (the tests' fp64
+  truth and error yardstick, the benchmark's baseline).
+- ``lacy_ce_one_pass``: the algorithm of the fused implementations, over a backend:
+  ``CHUNKED`` here (the CPU training path), the Triton one in lacy_ce.py.
+- ``finish_rows``: from the per-row statistics to the loss and the stats.
 
-Semantics (docs/method.md), decided details marked (*):
-- valid = target != ignore_index, and (*) 0 <= target < V and target != call_id
-  (``lacy_fast.method.valid_targets``, shared with the data loader's counts). <CALL>
-  never occurs in text; as a target its renormalised nll is undefined (that distribution
-  excludes <CALL>), so it cannot be ranked, and counting it as a CALL target would let
-  the data bypass the selection budget the strategies are compared at. Out-of-range
-  targets are dropped the same way instead of reading out of bounds (a device-side check
-  would need a host synchronisation).
-- nll = lse_nc - z_y on valid positions, 0 elsewhere: the renormalised nll, <CALL>
-  excluded. p_call = exp(z_call - lse) on every position (it does not depend on the target).
-- is_call = the selected positions. For ``ignore`` those are the dropped ones: they get no
-  loss and leave the count. For ``none`` nothing is selected.
-- A selected position's loss is -log p(CALL) under the full softmax. Every other counted
-  position's loss is, with ``renormalize=True`` (the paper), the renormalised nll; with
-  ``renormalize=False`` the plain cross-entropy over the full vocabulary, lse - z_y, so
-  it pushes p(CALL) down. ``none`` is plain cross-entropy either way.
-- (*) Selection ranks by the renormalised nll under both settings: a position is chosen
-  for what the model knows of its target among real tokens, never for its current
-  p(CALL) (ranking by lse - z_y would select where p(CALL) is already high and push it
-  higher still). The ``nll`` stat is that same renormalised nll.
-- loss = sum of per-position losses / max(count, 1): exactly 0, with zero gradients, when
-  nothing is counted.
-- The stats are not differentiated through (they come back detached).
-
-The one-pass algorithm (``lacy_ce_one_pass``). Selection needs every row's nll, but the
-gradients need not wait for it:
-1. In one pass over chunks of rows, each chunk's logits give the row statistics *and* the
-   gradients of every valid row as if no row were selected ("ordinary" rows): d loss /
-   d z = coef * (q - onehot(y)) with q the softmax without <CALL> (renormalize=True), or
-   coef * (p - onehot(y)) with p the full softmax (renormalize=False, and ``none``);
-   coef = 1 / count. Three GEMM-sized products per chunk: logits, dz @ W, dz^T @ h.
-2. Selection on device (``select_calls``), from the statistics.
-3. An exact correction of only the selected rows. Write p_c = p(CALL), q the renormalised
-   softmax of a row, h its hidden state, W[v] a row of the head. For a row that becomes
-   <CALL>, dz changes by coef * (p - onehot(CALL) - q + onehot(y)), which is
-   -p_c q on the non-CALL columns, -(1 - p_c) on the CALL column, +1 on the target column:
-     grad_hidden   dh_sel = (1 - p_c) (dh_ordinary + coef (W[y] - W[CALL])), from values at
-                   hand, no recomputation (p @ W = (1 - p_c) q @ W + p_c W[CALL]);
-     grad_weight   += delta^T h over the selected rows: their logits are recomputed (k x V
-                   x D) and one k x V x D product adds the change.
-   With renormalize=False an ordinary row already uses p, so the change is the one-hot part
-   alone: dh_sel = dh_ordinary + coef (W[y] - W[CALL]) and grad_weight gets +coef h at row
-   y and -coef h at row CALL: no recomputation at all. For ``ignore`` a selected row's
-   contribution is removed instead (its dh is zero; grad_weight recomputes its dz and
-   subtracts it). For ``none``, no correction. ``spacy`` and ``judge`` select by the
-   flags, known before any logit: step 1 gives their selected rows the <CALL> gradient
-   directly, and there is nothing to correct.
-   Cost: 3 + 2k/N GEMM units (k/N ~ 0.15 for ``lacy`` at call_fraction 0.6 and 25% fact
-   targets) where a two-pass algorithm costs 4; 3 for none, spacy and judge.
-The count's denominator is known before any logit: ``selection_size`` is fixed by the
-flags and the valid targets, not by the scores, so coef is final in step 1.
-
-How many rows the correction handles, ``bound``, is a host int: the correction's shapes
-depend on it and reading the device's count would synchronise. The op takes it as an
-argument (``max_selected`` of the public function) and checks it on device: if more rows
-were selected than ``bound``, the loss and every gradient are NaN, never silently wrong.
-Without a hint the bound is the most the strategy can select (``static_bound``:
-floor(call_fraction N)), correct but slower. The training loop knows the count on the host
-before the batch is copied to the device (``selected_count`` from the loader's n_valid /
-n_facts / n_judge) and passes ``selection_bound(count, N)``: the count rounded up to a
-bucket of N/128 rows (at least 16), so the int that reaches a compiled graph takes few
-distinct values (torch.compile guards on an int argument and recompiles when it changes;
-with automatic dynamic shapes it recompiles once, then treats it as symbolic; CUDA graphs
-record one graph per value) at a cost of under N/128 extra corrected rows (under 1/64 GEMM
-unit).
+docs/loss-op.md states the semantics, derives the one-pass algorithm's correction and says
+how the selection bound reaches the op.
 """
 from __future__ import annotations
 
 import math
 import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -190,7 +123,7 @@ def static_bound(strategy: str, call_fraction: float, n_rows: int) -> int:
 def selection_bound(count: int, n_rows: int) -> int:
     """A host-side selection count rounded up to a bucket of ``n_rows / 128`` rows (at least
     16), at most ``n_rows``: the ``max_selected`` to pass for a batch of ``n_rows`` whose
-    count is known on the host (the module docstring says why buckets)."""
+    count is known on the host (docs/loss-op.md says why buckets)."""
     if count <= 0:
         return 0
     bucket = max(BOUND_MIN_BUCKET, -(-n_rows // BOUND_BUCKETS))
@@ -214,6 +147,10 @@ class LossOptions:
     renormalize: bool = True
     call_weight: float = 1.0  # lambda: the <CALL> share of a selected row's loss (1: the paper's relabel)
     weight_by_error: bool = False  # lambda_i = call_weight (1 - p(y) / p_max) ([IDK]-token objective)
+
+    def values(self) -> tuple:
+        """The options in field order: the op's schema arguments."""
+        return tuple(getattr(self, field.name) for field in fields(self))
 
     @property
     def soft(self) -> bool:
@@ -255,14 +192,9 @@ def lacy_ce_torch(
     targets: torch.Tensor,  # (N,) int64
     flags: torch.Tensor,  # (N,) integer
     call_id: int,
-    strategy: str = "lacy",
-    call_fraction: float = 0.6,
+    opts: LossOptions = LossOptions(),
     ref_nll: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    renormalize: bool = True,
     selected: torch.Tensor | None = None,
-    call_weight: float = 1.0,
-    weight_by_error: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The LaCy loss written the obvious way, over materialised (N, V) logits.
 
@@ -274,7 +206,7 @@ def lacy_ce_torch(
     sdt = stat_dtype(hidden.dtype)
     vocab = weight.shape[0]
     logits = (hidden @ weight.T).to(sdt)  # (N, V)
-    valid = valid_targets(targets, vocab, call_id, ignore_index)  # (N,)
+    valid = valid_targets(targets, vocab, call_id, opts.ignore_index)  # (N,)
     y = torch.where(valid, targets, 0)  # (N,) a harmless column where there is no target
     log_p = torch.log_softmax(logits, dim=-1)  # (N, V) full softmax, <CALL> included
     no_call = torch.ones(vocab, dtype=torch.bool, device=logits.device)
@@ -284,14 +216,13 @@ def lacy_ce_torch(
     full_nll = -log_p.gather(1, y[:, None])[:, 0]  # (N,) plain cross-entropy
     call_nll = -log_p[:, call_id]  # (N,)
     if selected is None:
-        selected = select_calls(strategy, nll, valid, flags, call_fraction, ref_nll)
-    ordinary = full_nll if strategy == "none" or not renormalize else nll
-    opts = LossOptions(strategy, call_fraction, ignore_index, renormalize, call_weight, weight_by_error)
+        selected = select_calls(opts.strategy, nll, valid, flags, opts.call_fraction, ref_nll)
+    ordinary = full_nll if opts.plain else nll
     z_max = logits.masked_fill(~no_call, float("-inf")).amax(dim=1)  # (N,) the largest real-token logit
     lam = call_weights(opts, logits.gather(1, y[:, None])[:, 0], z_max)  # (N,) or None
     call_row = call_nll if lam is None else ordinary + lam * (call_nll - ordinary)
     per_row = torch.where(selected, call_row, ordinary)
-    counted = valid & ~selected if strategy == "ignore" else valid
+    counted = valid & ~selected if opts.strategy == "ignore" else valid
     per_row = torch.where(counted, per_row, 0.0)
     loss = per_row.sum() / counted.sum().clamp(min=1)
     stats = {"nll": nll.detach(), "is_call": selected, "p_call": torch.exp(-call_nll).detach()}
@@ -356,23 +287,15 @@ def ordinary_coefs(lse_nc: torch.Tensor, z_call: torch.Tensor, coef: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------
-# The one-pass algorithm, over a backend (module docstring)
+# The one-pass algorithm, over a backend (docs/loss-op.md)
 # ----------------------------------------------------------------------------------------
 
 
-def lacy_ce_one_pass(
-    backend,  # namespace: row_stats, ordinary, delta_weight (CHUNKED below, or lacy_ce.TRITON)
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    flags: torch.Tensor,
-    ref_nll: torch.Tensor | None,
-    call_id: int,
-    opts: LossOptions,
-    bound: int,
-    grads: bool,
-) -> tuple[torch.Tensor, ...]:
-    """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale).
+def lacy_ce_one_pass(backend, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor,
+                     ref_nll: torch.Tensor | None, call_id: int, opts: LossOptions, bound: int, grads: bool
+                     ) -> tuple[torch.Tensor, ...]:
+    """(loss, nll, is_call, p_call, grad_hidden, grad_weight, grad_scale). ``backend``: a
+    namespace of row_stats, ordinary and delta_weight (``CHUNKED`` below, or lacy_ce.TRITON).
 
     The gradients are those of the loss itself (upstream gradient 1), in the input dtypes;
     the backward multiplies them by the upstream gradient times ``grad_scale``, which is 1,
@@ -468,6 +391,14 @@ def _correct_selected(backend, hidden, weight, y, coef, lse_nc, z_call, lam, sel
 # ----------------------------------------------------------------------------------------
 
 
+def _chunked_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The head in the statistics' dtype, and four empty (N,) rows for lse_nc, z_call,
+    z_target and z_max."""
+    sdt = stat_dtype(hidden.dtype)
+    rows = [torch.empty(hidden.shape[0], dtype=sdt, device=hidden.device) for _ in range(4)]
+    return weight.to(sdt), tuple(rows)
+
+
 def row_stats_chunked(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, call_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -479,16 +410,11 @@ def row_stats_chunked(
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    sdt = stat_dtype(hidden.dtype)
-    w = weight.to(sdt)
-    lse_nc = torch.empty(n, dtype=sdt, device=hidden.device)
-    z_call = torch.empty_like(lse_nc)
-    z_target = torch.empty_like(lse_nc)
-    z_max = torch.empty_like(lse_nc)
+    w, (lse_nc, z_call, z_target, z_max) = _chunked_operands(hidden, weight)
     step = chunk_rows(n, d, vocab)
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        z = hidden[rows].to(sdt) @ w.T  # (C, V)
+        z = hidden[rows].to(w.dtype) @ w.T  # (C, V)
         z_target[rows] = z.gather(1, targets[rows, None])[:, 0]
         z_call[rows] = z[:, call_id]
         z[:, call_id] = float("-inf")
@@ -528,12 +454,8 @@ def ordinary_chunked(
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    sdt = stat_dtype(hidden.dtype)
-    w = weight.to(sdt)
-    lse_nc = torch.empty(n, dtype=sdt, device=hidden.device)
-    z_call = torch.empty_like(lse_nc)
-    z_target = torch.empty_like(lse_nc)
-    z_max = torch.empty_like(lse_nc)
+    w, (lse_nc, z_call, z_target, z_max) = _chunked_operands(hidden, weight)
+    sdt = w.dtype
     grad_hidden = torch.empty((n, d), dtype=sdt, device=hidden.device)
     grad_weight = torch.zeros((vocab, d), dtype=sdt, device=weight.device)
     step = chunk_rows(n, d, vocab)

@@ -5,7 +5,7 @@
 Every field documents itself (``doc``; ``lacy-fast train --explain`` prints them all) and
 every dataclass validates itself in ``__post_init__``, raising ``ConfigError`` with the full
 dotted key and what to change. A config is built from: the dataclass defaults, then a
-built-in run file (``--config NAME``: ``lacy_fast/presets/NAME.toml``) or a TOML file, then ``key=value``
+built-in run file (``--config NAME``: ``lacy_fast/run_files/NAME.toml``) or a TOML file, then ``key=value``
 overrides, each layer replacing the keys it names.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.method import IMPLS, RANKED, RELABEL_RANKED, STRATEGIES  # noqa: F401  (STRATEGIES re-exported)
 
-PRESET_DIR = Path(__file__).parent / "presets"
+RUN_FILE_DIR = Path(__file__).parent / "run_files"
 
 T = TypeVar("T")
 
@@ -184,7 +184,7 @@ class PrepareConfig(Config):
 # ----------------------------------------------------------------------------------------
 
 # Model shapes (``model.shape``): (n_layer, n_head, d_model, max_seq_len). Not to be confused
-# with run files (``--config NAME``, ``lacy_fast/presets/NAME.toml``): a run file sets every
+# with run files (``--config NAME``, ``lacy_fast/run_files/NAME.toml``): a run file sets every
 # section of a run, a shape only the model's size.
 MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 4, 128, 256),  # CPU tests and the demo
@@ -211,7 +211,7 @@ class ModelConfig(Config):
 
     def __post_init__(self) -> None:
         if self.shape not in MODEL_SHAPES:
-            what = "a run file" if self.shape in presets() or self.shape.endswith(".toml") else "no model shape"
+            what = "a run file" if self.shape in run_files() or self.shape.endswith(".toml") else "no model shape"
             raise ConfigError("shape", f"is {self.shape!r}, {what}; choose one of {', '.join(MODEL_SHAPES)} "
                               "(a run file is passed as --config)")
         for name, value in zip(("n_layer", "n_head", "d_model", "max_seq_len"), MODEL_SHAPES[self.shape]):
@@ -365,7 +365,7 @@ class RunConfig(Config):
 
 
 # ----------------------------------------------------------------------------------------
-# Building configs from dicts, TOML files, presets and overrides
+# Building configs from dicts, TOML files, run files and overrides
 # ----------------------------------------------------------------------------------------
 
 
@@ -401,7 +401,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def load_config(cls: type[T], source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Defaults, then a preset name or TOML file, then ``key=value`` overrides."""
+    """Defaults, then a run file (a built-in name or a TOML path), then ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if source:
         data = read_toml(_resolve_source(source))
@@ -415,9 +415,9 @@ def load_config(cls: type[T], source: str | None = None, overrides: list[str] | 
 RENAMED = {"model.preset": "model.shape"}
 
 
-def presets() -> list[str]:
-    """The built-in run files (``--config NAME``): lacy_fast/presets/NAME.toml."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+def run_files() -> list[str]:
+    """The built-in run files (``--config NAME``): lacy_fast/run_files/NAME.toml."""
+    return sorted(p.stem for p in RUN_FILE_DIR.glob("*.toml"))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -426,7 +426,7 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UserError(f"run file {path} does not exist; pass a TOML file or one of the built-in run files: "
-                        f"{', '.join(presets())}")
+                        f"{', '.join(run_files())}")
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML ({err}); fix the file or start from a built-in run file")
 
@@ -465,14 +465,14 @@ def _resolve_source(source: str) -> Path:
     path = Path(source)
     if path.suffix == ".toml" or path.exists():
         return path
-    preset = PRESET_DIR / f"{source}.toml"
-    if preset.exists():
-        return preset
+    built_in = RUN_FILE_DIR / f"{source}.toml"
+    if built_in.exists():
+        return built_in
     if source in MODEL_SHAPES:
         raise UserError(f"'{source}' is a model shape, not a run file; pass model.shape={source} (with --config "
-                        f"tiny or your own run file), or --config one of the run files: {', '.join(presets())}")
+                        f"tiny or your own run file), or --config one of the run files: {', '.join(run_files())}")
     raise UserError(f"no run file named '{source}'; pass a TOML file or one of the built-in run files: "
-                    f"{', '.join(presets())}")
+                    f"{', '.join(run_files())}")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:

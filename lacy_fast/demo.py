@@ -5,40 +5,15 @@
     lacy-fast demo --strategies none,lacy,lacy-full,ignore
     lacy-fast demo --scale gpu         # bigger corpus and models, bf16, for one GPU
 
-Stages (each skipped when its output is already there, so a rerun only redoes what is
-missing):
- 1. synthesise fictional biographies in the paper's regime (``synth.Regime``): a few
-    *frequent* people in many biographies, most *rare* people in one; free wording (words
-    whose choice is free and truthful) throughout;
- 2. prepare: train the tokenizer, label facts with spaCy, add the perfect judge's labels
-    (``oracle``: exactly the tokens of the fact table's values) for the ``judge`` baseline,
-    write shards;
- 3. train the *reference*: a bigger model on the same data, a plain LM. It is Rho-1's
-    reference model for the ``rho`` baseline (the paper's setting: a larger model trained on
-    the same corpus; its excess loss marks what a bigger model learns and the SLM does
-    not) and the ``big`` row of the table;
- 4. train one SLM per strategy and seed, every one to the same number of
-    ground-truth-gradient tokens, and those that rank all targets (``loss``, ``rho``) at the
-    same share of <CALL> targets as ``lacy`` (``objective.call_rate=auto``);
- 5. evaluate every SLM alone and in cascade with the bigger model that answers its calls,
-    which here is the fact table itself (``oracle:facts.jsonl``: it knows every fact, the
-    regime's "bigger model that knows nearly all", at no training cost; a trained bigger
-    model that knew the rare people's facts would need tens of passes over the corpus). It
-    answers as the paper's big model, on another tokenizer, does: one word per call (the
-    next word of the value after a cue; ``handoff`` ``word`` in results.json). The main
-    cascade row gives every strategy the same call budget (22% of decoding steps, the
-    paper's deployment, met to within one call) and ranks steps by each SLM's call score
-    (p(<CALL>) for a LaCy-style SLM, its own entropy for a plain LM; ``SCORED_ROWS`` reuse
-    an SLM with another score), so it compares *where* each SLM calls; a second row lets
-    each SLM call whenever <CALL> is its most likely token; every cascade, every seed, is
-    also run at the budgets of ``Scale.sweep`` (5% to 50%): the FactScore-vs-budget curve,
-    whose area over those budgets (divided by their width) is each row's ``curve_area``;
- 6. write OUT/results.json, OUT/report.md (the table, the regime's diagnostics and what the
-    numbers say, computed from them), budget_curve.png (the main plot: FactScore against
-    the budget, the seed spread as a band), curves.png, sweep.png and regime.png.
-
-Nothing here decides a winner in advance: report.md states whichever ordering the numbers
-have, and when LaCy does not win, which property of the regime did not hold.
+Stages, each skipped when its output is already there: synthesise the corpus in the
+paper's regime; prepare it (tokenizer, spaCy fact labels, the perfect judge's labels);
+train the reference (a bigger plain LM on the same data: Rho-1's reference and the ``big``
+row); train one SLM per row of ``RUNS`` and seed at an equal ground-truth-token budget;
+evaluate each alone and in cascade with the fact table as the model it calls
+(``oracle:facts.jsonl``, one word per call), at the equal budget ``CALL_BUDGET``, at the
+argmax, and at every budget of ``Scale.sweep``; write results.json, report.md and plots.
+``demo_measures`` computes the rows from what was measured and ``demo_report`` renders
+them; docs/demo.md says why each stage is set up as it is.
 """
 from __future__ import annotations
 
@@ -46,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -54,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from lacy_fast.config import ObjectiveConfig
-from lacy_fast.demo_report import format_rows, render
+from lacy_fast.demo_measures import add_curves, curve_point, mean_row, measures, regime_stats, training_summary
+from lacy_fast.demo_report import format_rows, render, setup_paragraph
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json, write_text
 from lacy_fast.progress import duration, human
 
-# Row name -> the ObjectiveConfig fields of its SLM. The paper's six run by default (with the
-# variant DEFAULT_VARIANT names); the others on request (--strategies, or all).
+# Row name -> the ObjectiveConfig fields of its SLM. DEFAULT_ROWS run by default; the others
+# on request (--strategies, or all).
 RUNS: dict[str, dict[str, Any]] = {
     "none": {"strategy": "none"},
     "loss": {"strategy": "loss"},
@@ -80,7 +55,7 @@ PAPER = ("none", "loss", "spacy", "lacy", "rho", "judge")
 # kept 3-seed run of every row (docs/demo-cpu: lacy-idk 0.798 against lacy-full 0.770,
 # lacy-soft 0.734, lacy-warm 0.730), chosen from that run, after it.
 DEFAULT_VARIANT = "lacy-idk"
-STRATEGIES = (*PAPER, DEFAULT_VARIANT)
+DEFAULT_ROWS = (*PAPER, DEFAULT_VARIANT)
 # Rows evaluated on another row's SLMs with another call score (cascade/rules.py): name ->
 # (the trained row, CascadeConfig.score). ``lacy-mix``: LaCy's SLMs deferring by the rank
 # product of p(<CALL>) and their own entropy (cascade/calibration.py).
@@ -156,23 +131,55 @@ class Stages:
                   flush=True)
 
 
-def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIES, seeds: int = 1,
+def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = DEFAULT_ROWS, seeds: int = 1,
              device: str = "auto", quiet: bool = False) -> list[dict[str, Any]]:
     """The pipeline of the module doc; returns the rows of results.json."""
     import torch
 
-    from lacy_fast.config import CascadeConfig, EvalConfig, JudgeConfig, PrepareConfig, TokenizerConfig
-    from lacy_fast.data import synth
-    from lacy_fast.data.prepare import prepare
-    from lacy_fast.eval.plots import (plot_budget_curve, plot_lock_in, plot_regime, plot_runs, plot_sweep,
-                                      read_metrics)
+    from lacy_fast.config import CascadeConfig, EvalConfig
+    from lacy_fast.eval.plots import read_metrics
     from lacy_fast.eval.run import evaluate
-    from lacy_fast.train.loop import train
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     stages = Stages(5 + len(_trained_rows(strategies)) * seeds, quiet)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, scale, strategies, seeds)
+    corpus, data, stats = _corpus_and_data(out, scale, stages, quiet)
+    facts = corpus / "facts.jsonl"
+    ref_dir, runs = _train_runs(out, scale, strategies, seeds, corpus, data, stats, stages, quiet)
+
+    stages.begin(f"evaluate {len(runs)} SLMs alone and in cascade on {scale.eval_people} people, the reference, "
+                 f"and each cascade at the budgets {', '.join(f'{b:g}' for b in scale.sweep)}")
+    cfg = EvalConfig(people=scale.eval_people, sweep=scale.sweep,
+                     cascade=CascadeConfig(rule="budget", budget=CALL_BUDGET, max_new_tokens=scale.max_new_tokens))
+    per_run, seed_curves = _evaluate_runs(out, runs, strategies, facts, cfg, device, quiet)
+    result = evaluate(ref_dir, None, facts, cfg=cfg, device=device, progress=not quiet)
+    write_json(out / "eval" / "reference-alone.json", result)
+    per_run[("big", "alone")] = [measures(result, training_summary(read_metrics(ref_dir)))]
+    stages.end()
+
+    rows = [mean_row(name, mode, values) for (name, mode), values in per_run.items()]
+    add_curves(rows, seed_curves)
+    _write_outputs(out, rows, runs, seed_curves)
+    regime = regime_stats(corpus, data, stats)
+    table = format_rows(rows)
+    write_text(out / "report.md", render(rows, setup_paragraph(scale, seeds, stats, regime, CALL_BUDGET), table,
+                                         regime, seeds, CALL_BUDGET, CALL_FRACTION,
+                                         time.perf_counter() - stages.start))
+    print(table)
+    if not quiet:
+        print(f"\nwrote {out}/results.json, report.md, budget_curve.png, lock_in.png, curves.png, sweep.png, "
+              f"regime.png in "
+              f"{duration(time.perf_counter() - stages.start)}", file=sys.stderr)
+    return rows
+
+
+def _corpus_and_data(out: Path, scale: Scale, stages: Stages, quiet: bool) -> tuple[Path, Path, dict[str, Any]]:
+    """Stages 1 and 2: the synthetic corpus and its prepared shards (each kept when already
+    there); returns the corpus folder, the data folder and its stats.json."""
+    from lacy_fast.config import JudgeConfig, PrepareConfig, TokenizerConfig
+    from lacy_fast.data import synth
+    from lacy_fast.data.prepare import prepare
 
     regime = synth.Regime(scale.frequent_share, scale.frequent_docs, scale.free_wording, scale.mentions)
     stages.begin(f"synthesise {scale.people} people ({scale.frequent_share:.0%} frequent, in {scale.frequent_docs} "
@@ -192,6 +199,14 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
     stats = json.loads((data / "stats.json").read_text())
     stages.end(f"{human(stats['tokens'])} tokens, {stats['fact_fraction']:.1%} fact tokens, "
                f"{stats['judge_fraction']:.1%} judge tokens")
+    return corpus, data, stats
+
+
+def _train_runs(out: Path, scale: Scale, strategies: tuple[str, ...], seeds: int, corpus: Path, data: Path,
+                stats: dict[str, Any], stages: Stages, quiet: bool) -> tuple[Path, dict[tuple[str, int], Path]]:
+    """Stages 3 and 4: the reference, then one SLM per trained row and seed; returns the
+    reference's run folder and the SLMs' by (row, seed)."""
+    from lacy_fast.train.loop import train
 
     probe = _probe_data(corpus, data, out / "probe", quiet)
     ref_dir = out / "runs" / "reference"
@@ -213,37 +228,23 @@ def run_demo(out: Path, scale: Scale, *, strategies: tuple[str, ...] = STRATEGIE
                                         int(scale.slm_epochs * stats["tokens"]), objective, seed, probe),
                             progress=not quiet), run)
             stages.end()
+    return ref_dir, runs
 
-    stages.begin(f"evaluate {len(runs)} SLMs alone and in cascade on {scale.eval_people} people, the reference, "
-                 f"and each cascade at the budgets {', '.join(f'{b:g}' for b in scale.sweep)}")
-    cfg = EvalConfig(people=scale.eval_people, sweep=scale.sweep,
-                     cascade=CascadeConfig(rule="budget", budget=CALL_BUDGET, max_new_tokens=scale.max_new_tokens))
-    per_run, seed_curves = _evaluate_runs(out, runs, strategies, facts, cfg, device, quiet)
-    result = evaluate(ref_dir, None, facts, cfg=cfg, device=device, progress=not quiet)
-    write_json(out / "eval" / "reference-alone.json", result)
-    per_run[("big", "alone")] = [_measures(result, _trained(read_metrics(ref_dir)))]
-    stages.end()
-    curves = {name: per_seed[0] for name, per_seed in seed_curves.items()}  # the first seed's, for the report
 
-    rows = [_row(name, mode, values) for (name, mode), values in per_run.items()]
-    _add_curves(rows, seed_curves)
-    regime_stats = _regime_stats(corpus, data, stats)
-    plot_runs({name: read_metrics(runs[(name, 0)]) for name, _ in runs if _ == 0}, out / "curves.png", window=5)
+def _write_outputs(out: Path, rows: list[dict[str, Any]], runs: dict[tuple[str, int], Path],
+                   seed_curves: dict[str, list[list[dict[str, Any]]]]) -> None:
+    """results.json, sweep.json and the plots (the first seed's training curves and sweep)."""
+    from lacy_fast.eval.plots import (plot_budget_curve, plot_lock_in, plot_regime, plot_runs, plot_sweep,
+                                      read_metrics)
+
+    first_seed = {name: read_metrics(runs[(name, 0)]) for name, seed in runs if seed == 0}
+    plot_runs(first_seed, out / "curves.png", window=5)
     plot_budget_curve(seed_curves, out / "budget_curve.png")
-    plot_lock_in({name: read_metrics(runs[(name, 0)]) for name, seed in runs if seed == 0}, out / "lock_in.png")
-    plot_sweep(curves, out / "sweep.png")
+    plot_lock_in(first_seed, out / "lock_in.png")
+    plot_sweep({name: per_seed[0] for name, per_seed in seed_curves.items()}, out / "sweep.png")
     plot_regime(rows, out / "regime.png")
     write_json(out / "results.json", rows)
     write_json(out / "sweep.json", seed_curves)
-    table = format_rows(rows)
-    write_text(out / "report.md", render(rows, _setup(scale, seeds, stats, regime_stats), table, regime_stats, seeds,
-                                         CALL_BUDGET, CALL_FRACTION, time.perf_counter() - stages.start))
-    print(table)
-    if not quiet:
-        print(f"\nwrote {out}/results.json, report.md, budget_curve.png, lock_in.png, curves.png, sweep.png, "
-              f"regime.png in "
-              f"{duration(time.perf_counter() - stages.start)}", file=sys.stderr)
-    return rows
 
 
 def _run_config(scale: Scale, data: Path, out: Path, shape: str, lr: float, gt_tokens: int,
@@ -303,7 +304,7 @@ def _evaluate_runs(out: Path, runs: dict[tuple[str, int], Path], strategies: tup
     per_run: dict[tuple[str, str], list[dict[str, Any]]] = {}
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     for name, seed, run, score in _eval_rows(runs, strategies):
-        trained = _trained(read_metrics(run))
+        trained = training_summary(read_metrics(run))
         scored = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, score=score))
         argmax = dataclasses.replace(cfg, cascade=dataclasses.replace(cfg.cascade, rule="argmax"))
         modes = [("cascade", partner, scored)]
@@ -314,13 +315,13 @@ def _evaluate_runs(out: Path, runs: dict[tuple[str, int], Path], strategies: tup
             result = evaluate(run, big, facts, cfg=mode_cfg, device=device, progress=not quiet)
             tag = run.name if name not in SCORED_ROWS else f"{name}{run.name[len(SCORED_ROWS[name][0]):]}"
             write_json(out / "eval" / f"{tag}-{mode}.json", result)
-            per_run.setdefault((name, mode), []).append(_measures(result, trained))
+            per_run.setdefault((name, mode), []).append(measures(result, trained))
             main = result if mode == "cascade" else main
         assert main is not None
         rest = tuple(b for b in cfg.sweep if b != CALL_BUDGET)
         points = sweep(run, partner, facts, budgets=rest, cfg=scored, device=device, progress=not quiet)
         if CALL_BUDGET in cfg.sweep:
-            points.append(_point(CALL_BUDGET, main))
+            points.append(curve_point(CALL_BUDGET, main))
         curves.setdefault(name, []).append(sorted(points, key=lambda p: p["budget"]))
     return per_run, curves
 
@@ -344,203 +345,12 @@ def _eval_rows(runs: dict[tuple[str, int], Path], strategies: tuple[str, ...]):
                     yield name, seed, run, score
 
 
-def _point(budget: float, result: dict[str, Any]) -> dict[str, Any]:
-    """A budget-curve point (as ``eval.run.sweep`` writes it) from an ``evaluate`` result."""
-    fs = result["factscore_detail"]
-    gen = result["generation"]
-    return {"budget": budget, "call_rate": result["call_rate"], "answered_rate": gen["answered_rate"],
-            "steps": gen["steps"], "calls": gen["calls"],
-            "factscore": fs["factscore"], "factscore_micro": fs["micro"],
-            **{f"factscore_{b}": f["factscore"] for b, f in result["factscore_by_bucket"].items()},
-            "facts_per_generation": fs["facts_per_generation"],
-            "supported_per_generation": fs["supported_per_generation"], "share_with_facts": fs["share_with_facts"]}
-
-
-def curve_area(points: list[dict[str, Any]]) -> float | None:
-    """Trapezoid area of FactScore against the nominal budget, divided by the budgets' width:
-    a mean FactScore over the budgets (None when a point states no fact)."""
-    points = sorted(points, key=lambda p: p["budget"])
-    if len(points) < 2 or any(p["factscore"] is None for p in points):
-        return None
-    area = sum((b["budget"] - a["budget"]) * (a["factscore"] + b["factscore"]) / 2 for a, b in zip(points, points[1:]))
-    return area / (points[-1]["budget"] - points[0]["budget"])
-
-
-def _add_curves(rows: list[dict[str, Any]], curves: dict[str, list[list[dict[str, Any]]]]) -> None:
-    """Each cascade row gets ``curve_area`` (mean over seeds), ``curve_area_std`` (None with
-    one seed or a missing area) and ``curve``: per budget, the mean FactScore, its spread,
-    and the realised call rate (mean, min and max over seeds)."""
-    def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-        if not values or any(v is None for v in values):
-            return None, None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-    for row in rows:
-        per_seed = curves.get(row["strategy"]) if row["mode"] == "cascade" else None
-        if not per_seed:
-            continue
-        row["curve_area"], row["curve_area_std"] = mean_std([curve_area(points) for points in per_seed])
-        row["curve"] = []
-        for i, first in enumerate(per_seed[0]):
-            at = [points[i] for points in per_seed]
-            fs, fs_std = mean_std([p["factscore"] for p in at])
-            rates = [p["call_rate"] for p in at]
-            row["curve"].append({"budget": first["budget"], "factscore": fs, "factscore_std": fs_std,
-                                 "call_rate": statistics.fmean(rates), "call_rate_min": min(rates),
-                                 "call_rate_max": max(rates)})
-
-
 def _finished(summary: dict[str, Any], run: Path) -> None:
     """A run stopped by a signal (it saved a checkpoint) stops the demo too: evaluating a
     half-trained model would compare it at another budget than the others."""
     if summary.get("stopped_by"):
         raise UserError(f"the demo was stopped by {summary['stopped_by']} while training {run}; rerun the same "
                         "command to resume where it stopped")
-
-
-# ----------------------------------------------------------------------------------------
-# Rows: one per (strategy, mode), means over seeds
-# ----------------------------------------------------------------------------------------
-
-# Measures averaged over seeds (with a spread for those marked).
-SPREAD = ("factscore", "factscore_frequent", "factscore_rare", "call_auc", "selection_persistence", "probe_fact_nll")
-
-
-def _trained(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the training run realised: steps, ground-truth tokens, the share of <CALL> targets;
-    for the ranked strategies the selection persistence and its chance level over the second
-    half of training; the probe's last ground-truth nll of the frequent people's facts."""
-    rates = [r["call_rate"] for r in metrics if r.get("call_rate") is not None]
-    late = [r for r in metrics if r["step"] > metrics[-1]["step"] / 2]
-
-    def late_mean(key: str) -> float | None:
-        values = [r[key] for r in late if r.get(key) is not None]
-        return statistics.fmean(values) if values else None
-
-    probed = [r for r in metrics if r.get("probe_judge_nll") is not None]
-    return {"train_steps": metrics[-1]["step"], "gt_tokens": metrics[-1].get("gt_tokens"),
-            "train_call_rate": sum(rates) / len(rates) if rates else 0.0,
-            "selection_persistence": late_mean("selection_persistence"),
-            "selection_chance": late_mean("selection_chance"),
-            "probe_fact_nll": probed[-1]["probe_judge_nll"] if probed else None}
-
-
-def _measures(result: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
-    calls = result["calls"]
-    return {
-        "factscore": result["factscore"],
-        "factscore_frequent": result.get("factscore_frequent"),
-        "factscore_rare": result.get("factscore_rare"),
-        "call_rate": result["call_rate"],
-        "leakage": result["leakage"],
-        "perplexity": result["perplexity"],
-        "call_auc": calls["auc"],
-        "call_auc_first": calls["auc_first"],
-        "calls_unknown_fact": calls["landing"]["unknown_fact"],
-        "calls_known_fact": calls["landing"]["known_fact"],
-        "calls_free": calls["landing"]["free"],
-        "calls_other": calls["landing"]["other"],
-        "call_precision": calls["precision"],
-        "call_recall": calls["recall"],
-        "mean_p_call_fact": calls["mean_p_call_fact"],
-        "mean_p_call_other": calls["mean_p_call_other"],
-        "facts_per_generation": result["factscore_detail"]["facts_per_generation"],
-        **trained,
-        "score": result["score"],
-        "handoff": result.get("handoff"),  # what one answered call supplies: word, or value (the upper bound)
-    }
-
-
-def _row(strategy: str, mode: str, values: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds (None where any seed has None), and the spread of SPREAD measures."""
-    row: dict[str, Any] = {"strategy": strategy, "mode": mode, "seeds": len(values)}
-    for key, first in values[0].items():
-        column = [v[key] for v in values]
-        if isinstance(first, str):
-            row[key] = first
-        elif any(c is None for c in column):
-            row[key] = None
-        else:
-            row[key] = statistics.fmean(column)
-            if key in SPREAD and len(column) > 1:
-                row[f"{key}_std"] = statistics.stdev(column)
-    return row
-
-
-# ----------------------------------------------------------------------------------------
-# The regime's diagnostics and the report
-# ----------------------------------------------------------------------------------------
-
-
-def _regime_stats(corpus: Path, data: Path, stats: dict[str, Any]) -> dict[str, Any]:
-    """Corpus-side facts of the regime: buckets, and what spaCy's rule flags on the held-out
-    texts, whose fact values and free-wording spans are known: how much free wording it
-    takes for a fact, how many value tokens it finds, and what else it flags."""
-    import numpy as np
-
-    from lacy_fast.config import LabelConfig
-    from lacy_fast.data.facts import FactTable, read_heldout, value_spans
-    from lacy_fast.data.labeling import FLAG_FACT, FactLabeler
-    from lacy_fast.data.tokenizer import Tokenizer
-
-    people = [json.loads(line) for line in (corpus / "facts.jsonl").open()]
-    held = read_heldout(corpus / "heldout.jsonl", FactTable.read(corpus / "facts.jsonl"))
-    tok = Tokenizer.load(data / "tokenizer.model")
-    labeled = FactLabeler(LabelConfig(), tok).label_batch([h.text for h in held])
-    n = {"tokens": 0, "flagged": 0, "free": 0, "flagged_free": 0, "value": 0, "flagged_value": 0}
-    for h, (_, flags) in zip(held, labeled):
-        _, starts, ends = tok.encode_with_offsets(h.text)
-        fact = (flags[: len(starts)] & FLAG_FACT) != 0  # (T,)
-
-        def inside(spans) -> np.ndarray:
-            return np.array([any(s < e_ and e > s_ for s_, e_ in spans) for s, e in zip(starts, ends)], dtype=bool)
-
-        free, value = inside(h.free), inside(value_spans(h.text, h.person).values())
-        for key, mask in (("tokens", np.ones_like(fact)), ("flagged", fact), ("free", free),
-                          ("flagged_free", fact & free), ("value", value), ("flagged_value", fact & value)):
-            n[key] += int(mask.sum())
-    frequent = [p for p in people if p["bucket"] == "frequent"]
-    statements = sum(p["documents"] * len(p["facts"]) for p in people)  # every biography states all its facts
-    rare_statements = sum(p["documents"] * len(p["facts"]) for p in people if p["bucket"] == "rare")
-
-    def share(a: str, b: str) -> float:
-        return n[a] / n[b] if n[b] else 0.0
-
-    return {
-        "people": len(people), "frequent": len(frequent),
-        "rare_fact_share": rare_statements / statements if statements else 0.0,
-        "documents": sum(p["documents"] for p in people),
-        "frequent_documents": sum(p["documents"] for p in frequent),
-        "free_token_share": share("free", "tokens"),
-        "free_share_of_fact_flags": share("flagged_free", "flagged"),
-        "free_flagged": share("flagged_free", "free"),
-        "values_flagged": share("flagged_value", "value"),
-        "value_share_of_fact_flags": share("flagged_value", "flagged"),
-        "fact_fraction": stats["fact_fraction"],
-    }
-
-
-def _setup(scale: Scale, seeds: int, stats: dict[str, Any], regime: dict[str, Any]) -> str:
-    """The report's first paragraph: what was run (sizes, models, partner, modes)."""
-    return (
-        f"Built-in corpus in the paper's regime: {regime['people']} fictional people, {regime['frequent']} of them "
-        f"*frequent* ({regime['frequent_documents']} of the {regime['documents']} biographies), the others *rare* "
-        f"(one biography each); {stats['tokens']} tokens, {stats['fact_fraction']:.1%} of them fact tokens (spaCy "
-        f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` shape, each trained on "
-        f"{scale.slm_epochs:g} passes' worth of ground-truth-gradient tokens ({seeds} seed{'s' if seeds > 1 else ''} "
-        f"per row). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` shape, a bigger model trained "
-        f"as a plain LM on the same data ({scale.ref_epochs:g} passes). The model the SLMs call is the fact table "
-        "(`oracle:facts.jsonl`), answering as the paper's big model on another tokenizer does: one word of the "
-        "value per call after a cue, declining elsewhere (`handoff` `word`). Evaluated on "
-        f"{scale.eval_people} held-out people, half frequent and half rare; greedy decoding from each name. "
-        f"Modes: `slm` alone; `cascade`: calls on {CALL_BUDGET:.0%} of decoding steps, those whose call score "
-        "(column `score`: p(<CALL>) as log-odds, the entropy of its next-token distribution for a plain LM, or "
-        "their rank product) is highest; each cascade also at the budgets "
-        f"{', '.join(f'{b:.0%}' for b in scale.sweep)} (`curve area`: the mean FactScore over them); "
-        "`cascade-argmax`: calls whenever <CALL> is the most likely token. AUC, where calls land, leakage and "
-        "perplexity come from teacher-forced held-out renderings; `persist` and `probe nll` from training "
-        "(selection persistence in its second half; the probe's ground-truth nll of frequent people's fact values "
-        "at its end).")
 
 
 def _check_settings(out: Path, scale: Scale, strategies: tuple[str, ...], seeds: int) -> None:
@@ -560,9 +370,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--people", type=int, help="override the scale's number of people")
     parser.add_argument("--seeds", type=int, default=1, help="SLMs trained per strategy, with other seeds; the report "
                                                              "gives means and spreads (default 1)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+    parser.add_argument("--strategies", default=",".join(DEFAULT_ROWS),
                         help=f"comma-separated SLM rows, of: {', '.join(ALL_ROWS)}; or all (default "
-                             f"{','.join(STRATEGIES)})")
+                             f"{','.join(DEFAULT_ROWS)})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")

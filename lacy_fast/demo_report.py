@@ -70,8 +70,36 @@ def render(rows: list[dict[str, Any]], setup: str, table: str, regime: dict[str,
     return "\n".join(lines)
 
 
+def setup_paragraph(scale: Any, seeds: int, stats: dict[str, Any], regime: dict[str, Any], budget: float) -> str:
+    """The report's first paragraph: what was run (sizes, models, partner, modes). ``scale``:
+    the run's ``demo.Scale``; ``budget``: the main cascade row's call budget."""
+    return (
+        f"Built-in corpus in the paper's regime: {regime['people']} fictional people, {regime['frequent']} of them "
+        f"*frequent* ({regime['frequent_documents']} of the {regime['documents']} biographies), the others *rare* "
+        f"(one biography each); {stats['tokens']} tokens, {stats['fact_fraction']:.1%} of them fact tokens (spaCy "
+        f"proxy), {regime['free_token_share']:.1%} free wording. SLMs: `{scale.slm}` shape, each trained on "
+        f"{scale.slm_epochs:g} passes' worth of ground-truth-gradient tokens ({seeds} seed{'s' if seeds > 1 else ''} "
+        f"per row). Reference (Rho-1's, and the `big alone` row): `{scale.ref}` shape, a bigger model trained "
+        f"as a plain LM on the same data ({scale.ref_epochs:g} passes). The model the SLMs call is the fact table "
+        "(`oracle:facts.jsonl`), answering as the paper's big model on another tokenizer does: one word of the "
+        "value per call after a cue, declining elsewhere (`handoff` `word`). Evaluated on "
+        f"{scale.eval_people} held-out people, half frequent and half rare; greedy decoding from each name. "
+        f"Modes: `slm` alone; `cascade`: calls on {budget:.0%} of decoding steps, those whose call score "
+        "(column `score`: p(<CALL>) as log-odds, the entropy of its next-token distribution for a plain LM, or "
+        "their rank product) is highest; each cascade also at the budgets "
+        f"{', '.join(f'{b:.0%}' for b in scale.sweep)} (`curve area`: the mean FactScore over them); "
+        "`cascade-argmax`: calls whenever <CALL> is the most likely token. AUC, where calls land, leakage and "
+        "perplexity come from teacher-forced held-out renderings; `persist` and `probe nll` from training "
+        "(selection persistence in its second half; the probe's ground-truth nll of frequent people's fact values "
+        "at its end).")
+
+
 def _mode(by: Rows, mode: str) -> dict[str, dict[str, Any]]:
     return {s: r for (s, m), r in by.items() if m == mode}
+
+
+def _by_bucket(row: dict[str, Any]) -> str:
+    return f"{fmt(row, 'factscore_frequent')} on frequent people, {fmt(row, 'factscore_rare')} on rare ones."
 
 
 def regime_lines(by: Rows, regime: dict[str, Any], call_fraction: float) -> list[str]:
@@ -79,14 +107,12 @@ def regime_lines(by: Rows, regime: dict[str, Any], call_fraction: float) -> list
     out = []
     plain = by.get(("none", "slm"))
     if plain is not None:
-        out.append(f"- The plain LM alone: {fmt(plain, 'factscore_frequent')} on frequent people, "
-                   f"{fmt(plain, 'factscore_rare')} on rare ones.")
+        out.append(f"- The plain LM alone: {_by_bucket(plain)}")
     out.append(f"- Facts about rare people: {regime['rare_fact_share']:.0%} of the corpus's fact statements; LaCy "
                f"relabels the highest-loss {call_fraction:.0%} of the fact tokens.")
     big = by.get(("big", "alone"))
     if big is not None:
-        out.append(f"- The reference (a bigger model on the same data) alone: {fmt(big, 'factscore_frequent')} on "
-                   f"frequent people, {fmt(big, 'factscore_rare')} on rare ones.")
+        out.append(f"- The reference (a bigger model on the same data) alone: {_by_bucket(big)}")
     out.append(f"- Free wording: {regime['free_token_share']:.1%} of the held-out tokens; spaCy's rule flags "
                f"{regime['free_flagged']:.2%} of them ({regime['free_share_of_fact_flags']:.2%} of its flags).")
     out.append(f"- spaCy's rule flags {regime['values_flagged']:.0%} of the tokens of fact-table values; "

@@ -79,20 +79,21 @@ def build_config(cls: type[T], args: argparse.Namespace, shorthands: list[Shorth
         raise
 
 
+def config_or_explain(cls: type[T], args: argparse.Namespace, shorthands: list[Shorthand], command: str) -> T | None:
+    """A command's ``build_config``, or None once ``--explain``'s table is printed when the
+    command was asked for it."""
+    if args.explain:
+        print_explain(cls, command, shorthands)
+        return None
+    return build_config(cls, args, shorthands, command=command)
+
+
 def print_explain(cls: type, command: str, shorthands: list[Shorthand]) -> None:
     flags = {s.key: s.flag for s in shorthands}
     print(f"Config keys of `lacy-fast {command}` (set as key=value; a flag is a shorthand for the key beside it):")
     for key, default, text in explain(cls):
         flag = f" [{flags[key]}]" if key in flags else ""
         print(f"{key + flag:<34} {default:<14} {text}")
-
-
-def configure(cls: type[T], args: argparse.Namespace, shorthands: list[Shorthand], command: str) -> T | None:
-    """The command's ``cls`` (``build_config``), or None after printing its keys for ``--explain``."""
-    if args.explain:
-        print_explain(cls, command, shorthands)
-        return None
-    return build_config(cls, args, shorthands, command=command)
 
 
 def split_overrides(values: list[str] | None) -> tuple[list[str], list[str]]:

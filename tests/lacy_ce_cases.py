@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lacy_fast.kernels.lacy_ce_reference import RANKED, lacy_ce_torch, valid_targets
+from lacy_fast.kernels.lacy_ce_reference import RANKED, LossOptions, lacy_ce_torch, valid_targets
 
 K = 2.0  # the implementation may be at most this many times further from the truth than PyTorch
 ULPS = 8.0  # slack in units of the compared tensor's epsilon, times the truth's scale
@@ -61,6 +61,11 @@ class Case:
         n_facts = int((valid & ((self.flags & 1) != 0)).sum())
         n_judge = int((valid & ((self.flags & 2) != 0)).sum())
         return selected_count(self.strategy, self.call_fraction, int(valid.sum()), n_facts, n_judge)
+
+
+def reference(hidden, weight, targets, flags, call_id, ref_nll=None, **options):
+    """``lacy_ce_torch`` called the way the public function is, the options by keyword."""
+    return lacy_ce_torch(hidden, weight, targets, flags, call_id, LossOptions(**options), ref_nll)
 
 
 def run(fn, hidden, weight, case: Case, device="cpu", **extra) -> dict:
@@ -119,8 +124,8 @@ def _attempt(strategy, dtype, n, d, v, call_id, call_fraction, edge, seed, renor
     upstream = float(0.5 + torch.rand((), generator=gen))
     case = Case(hidden, weight, targets, flags, ref_nll, call_id, strategy, call_fraction, upstream, {}, {},
                 renormalize, *soft)
-    case.truth = run(lacy_ce_torch, hidden.double(), weight.double(), case)
-    case.ref = run(lacy_ce_torch, hidden, weight, case)
+    case.truth = run(reference, hidden.double(), weight.double(), case)
+    case.ref = run(reference, hidden, weight, case)
     return case
 
 

@@ -3,19 +3,19 @@ import dataclasses
 import pytest
 
 from lacy_fast.config import (
-    MODEL_SHAPES, RunConfig, PrepareConfig, explain, from_dict, load_config, parse_override, presets, to_dict,
+    MODEL_SHAPES, RunConfig, PrepareConfig, explain, from_dict, load_config, parse_override, run_files, to_dict,
 )
 from lacy_fast.errors import ConfigError, UserError
 
 
-def test_every_preset_loads_and_round_trips():
-    assert {"tiny", "gpt2-124m", "lacy-334m", "lacy-1.3b"} <= set(presets())
-    for name in presets():
+def test_every_run_file_loads_and_round_trips():
+    assert {"tiny", "gpt2-124m", "lacy-334m", "lacy-1.3b"} <= set(run_files())
+    for name in run_files():
         cfg = load_config(RunConfig, name)
         assert from_dict(RunConfig, to_dict(cfg)) == cfg
 
 
-def test_overrides_are_typed_and_win_over_the_preset():
+def test_overrides_are_typed_and_win_over_the_run_file():
     cfg = load_config(RunConfig, "tiny", ["train.lr=3e-4", "objective.strategy=spacy", "zero_stage=2",
                                            "data.path=/tmp/x y", "model.shape=gpt2-124m", "train.seq_len=1024"])
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from lacy_fast.demo import SCALES, STRATEGIES, curve_area, format_rows, run_demo
+from lacy_fast.demo import DEFAULT_ROWS, SCALES, run_demo
+from lacy_fast.demo_measures import curve_area
+from lacy_fast.demo_report import format_rows
 
 SMOKE = dataclasses.replace(SCALES["cpu"], people=30, frequent_share=0.2, frequent_docs=3, heldout=0.5, vocab=400,
                             seq_len=64, micro_batch=4, ref="tiny", slm_epochs=1.0, ref_epochs=1.0, eval_people=8,
                             max_new_tokens=12, sweep=(0.05, 0.22, 0.5))
-ROWS = STRATEGIES + ("lacy-mix",)  # lacy-mix: lacy's SLMs with the combined call score
+ROWS = DEFAULT_ROWS + ("lacy-mix",)  # lacy-mix: lacy's SLMs with the combined call score
 CONTRACT = {"strategy", "mode", "factscore", "factscore_frequent", "factscore_rare", "call_rate", "leakage",
             "perplexity", "call_auc", "train_call_rate", "seeds", "score"}
 
@@ -36,7 +38,7 @@ def test_results_keep_the_contract(demo):
         if row["factscore"] is not None and row["strategy"] != "big":
             assert "factscore_std" in row
     modes = {(r["strategy"], r["mode"]) for r in saved}
-    for s in STRATEGIES:
+    for s in DEFAULT_ROWS:
         assert {(s, "slm"), (s, "cascade"), (s, "cascade-argmax")} <= modes
     assert ("big", "alone") in modes
     assert all(r["call_rate"] == 0 for r in saved if r["mode"] in ("slm", "alone"))

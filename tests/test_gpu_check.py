@@ -21,6 +21,7 @@ import gpu_check  # noqa: E402
 import gpu_wheels  # noqa: E402
 
 from lacy_fast.errors import UserError  # noqa: E402
+from lacy_fast.fileio import sha256_of  # noqa: E402
 
 
 def _wheel(folder: Path, dist: str, module: str, body: str = "VALUE = 7\n", pad: int = 0) -> Path:
@@ -124,7 +125,7 @@ def test_size_check_counts_the_limit_exactly(tmp_path):
 
 
 def _folder(tmp_path: Path, *wheels: Path) -> Path:
-    entries = [{"file": w.name, "bytes": w.stat().st_size, "sha256": gpu_check._sha256(w)} for w in wheels]
+    entries = [{"file": w.name, "bytes": w.stat().st_size, "sha256": sha256_of(w)} for w in wheels]
     (tmp_path / gpu_check.MANIFEST).write_text(json.dumps({"wheels": entries}))
     return tmp_path
 

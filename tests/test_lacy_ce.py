@@ -462,8 +462,8 @@ def test_opcheck(grads, renormalize):
     case = cached_case("rho", torch.float32, call_id=CALL_IDS["middle"])
     h = case.hidden.clone().requires_grad_(grads)
     w = case.weight.clone().requires_grad_(grads)
-    args = (h, w, case.targets, case.flags, case.ref_nll, case.call_id, "rho", 0.6, IGNORE, renormalize, 0.5, True,
-            loop_bound(case), grads, "chunked")
+    args = (h, w, case.targets, case.flags, case.ref_nll, case.call_id, loop_bound(case), grads, "chunked",
+            "rho", 0.6, IGNORE, renormalize, 0.5, True)
     torch.library.opcheck(torch.ops.lacy_fast.lacy_ce.default, args)
 
 

@@ -15,7 +15,7 @@ from lacy_ce_cases import check, make_case
 from lacy_ce_cases import run as run_case
 from lacy_fast.kernels import lacy_linear_cross_entropy, selection_bound
 from lacy_fast.kernels import lacy_ce as op
-from lacy_fast.kernels.lacy_ce_reference import RANKED, static_bound, valid_targets
+from lacy_fast.kernels.lacy_ce_reference import RANKED, LossOptions, static_bound, valid_targets
 from lacy_fast.method import RANK_FACTS, selected_count
 
 IGNORE = -100
@@ -42,11 +42,11 @@ def host_hint(strategy, targets, flags, vocab, call_id):
 
 @contextlib.contextmanager
 def bounds_seen(bounds: list):
-    """Records the bound the public wrapper hands to the op (its 11th argument)."""
+    """Records the bound the public wrapper hands to the op (its 7th argument)."""
     real = op._lacy_ce
 
     def spy(*args):
-        bounds.append(args[12])
+        bounds.append(args[6])
         return real(*args)
 
     op._lacy_ce = spy
@@ -104,9 +104,9 @@ def test_elsewhere_the_static_bound_and_one_message_naming_the_hint(monkeypatch)
     targets = torch.zeros(4096, dtype=torch.int64, device="meta")
     flags = torch.zeros(4096, dtype=torch.uint8, device="meta")
     with pytest.warns(UserWarning, match=r"max_selected=selection_bound\(count, N\)") as caught:
-        assert op._default_bound("lacy", FRACTION, targets, flags, 100, 99, IGNORE) == 2457
+        assert op._default_bound(LossOptions("lacy", FRACTION, IGNORE), targets, flags, 100, 99) == 2457
     assert "2457 of 4096 rows" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
-        assert op._default_bound("loss", FRACTION, targets, flags, 100, 99, IGNORE) == 2457
-        assert op._default_bound("spacy", FRACTION, targets, flags, 100, 99, IGNORE) == 0
+        assert op._default_bound(LossOptions("loss", FRACTION, IGNORE), targets, flags, 100, 99) == 2457
+        assert op._default_bound(LossOptions("spacy", FRACTION, IGNORE), targets, flags, 100, 99) == 0

@@ -95,14 +95,14 @@ def test_flops_formula_matches_a_counted_training_step():
     assert abs(counted - estimate) / counted < 0.03, (counted, estimate)
 
 
-@pytest.mark.parametrize("preset, vocab, low, high", [
+@pytest.mark.parametrize("shape, vocab, low, high", [
     ("gpt2-124m", 50257, 123e6, 126e6),  # GPT-2 small with its own vocabulary
     ("lacy-334m", 32001, 325e6, 345e6),  # the paper's 334M SLM: 32K SentencePiece + <CALL>
     ("lacy-1.3b", 32001, 1.25e9, 1.40e9),
 ])
-def test_preset_sizes_match_the_paper(preset, vocab, low, high):
+def test_shape_sizes_match_the_paper(shape, vocab, low, high):
     with torch.device("meta"):
-        model = GPT(ModelConfig(shape=preset, vocab_size=vocab))
+        model = GPT(ModelConfig(shape=shape, vocab_size=vocab))
     assert low < model.num_params() < high
 
 

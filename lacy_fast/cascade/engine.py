@@ -4,30 +4,10 @@
     for g in cascade.generate(["Thynoxine Nahoxski"]):
         print(g.marked())   # "Thynoxine Nahoxski was born in[[ Tolmere]]. ..."
 
-One decoding step, for every unfinished row of a batch at once:
-
-1. SLM logits at the row's last position, over the real vocabulary (fp32), and the call
-   score (``rules.py``: p(CALL), or the SLM's own uncertainty).
-2. The call rule (``rules.py``) decides from the score which rows call.
-3. A row that does not call emits its own token: the argmax (or a sample at
-   ``temperature``, nucleus ``top_p``) with <CALL> excluded. A row that calls gets the big
-   model's tokens (one token, a word, or a whole fact value, depending on the big model);
-   a row whose call the big model declines emits its own token instead.
-4. The new tokens are fed to the SLM through its KV cache, as one left-padded block when
-   rows gained different numbers of tokens (padding is masked and takes no position, so
-   each row decodes as it would alone). The big model reads the same tokens lazily, at its
-   next call (``big.py``). Nothing is ever re-encoded.
-
-A row ends at EOS (its own or the big model's) or after ``max_new_tokens`` tokens (the big
-model's tokens count; a handoff is cut at the limit). Finished rows leave the batch at
-once: the SLM cache and the big model's state keep only the live rows, so finished rows
-cost nothing. Prompts are decoded after EOS, as documents follow EOS in training
-(``slm.context_ids``).
-
-Counts, per generation: ``steps`` (decoding steps, one SLM decision each), ``calls``
-(steps where the rule called), ``answered`` (calls the big model answered; the rest it
-declined), and which tokens came from the big model. ``call_rate`` = calls / steps: the
-share the budget rule targets.
+Per step, for every unfinished row at once: the SLM's logits and call score, the call rule,
+then the row's own token or the big model's, fed back through the SLM's KV cache. Finished
+rows leave the batch. Counts per generation: ``steps``, ``calls``, ``answered``;
+``call_rate`` = calls / steps. docs/cascade.md walks through one step.
 """
 from __future__ import annotations
 

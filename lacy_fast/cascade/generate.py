@@ -28,7 +28,7 @@ from lacy_fast.cascade.engine import Cascade, summarize
 from lacy_fast.cascade.slm import load_model, resolve_device
 from lacy_fast.config import CALL_RULES, CALL_SCORES, CascadeConfig
 from lacy_fast.errors import UserError
-from lacy_fast.overrides import Shorthand, add_config_arguments, configure, shorthand_help
+from lacy_fast.overrides import Shorthand, add_config_arguments, config_or_explain, shorthand_help
 
 # Options generate and eval share, each a shorthand for a CascadeConfig key (under
 # ``cascade.`` in eval's EvalConfig).
@@ -88,8 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = configure(CascadeConfig, args, SHORTHANDS, "generate")
-    if cfg is None:
+    if (cfg := config_or_explain(CascadeConfig, args, SHORTHANDS, "generate")) is None:  # --explain
         return 0
     if not args.slm:
         raise UserError("no SLM given; pass --slm OUT/export (or a run's out_dir)")

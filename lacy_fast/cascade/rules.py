@@ -4,65 +4,12 @@
     scores = call_scores(logits, call_id)             # every score, (N,) each
     calls = rule.decide(scores["p_call"], call_is_argmax)  # (N,) bool
 
-The call score (``CascadeConfig.score``, temperature 1 whatever the sampling temperature),
-each in [0, 1] but the log-odds, higher meaning "call":
-- ``p_call``: p(<CALL>) under the full softmax: what a LaCy-trained SLM learned to signal.
-  ``call_logodds`` is the same signal as log p / (1 - p), unbounded: the budget rule ranks it.
-- ``combined`` (``calibration.py``, not computed here): the rank product of p(<CALL>) and
-  the entropy below, each ranked by its CDF on training documents.
-- ``entropy``: the entropy of the SLM's own next-token distribution (the vocabulary without
-  <CALL>, renormalised: what it would emit) divided by log(V - 1), its maximum.
-- ``max_prob``: 1 - the largest probability of that distribution.
-The last two are the standard deferral signals of LLM cascades: a plain LM, never taught
-to emit <CALL>, defers by its own uncertainty, not by p(<CALL>) of a token it never saw
-as a target. ``auto`` (``resolve_score``) takes p_call for an SLM trained with <CALL>
-targets and entropy for one trained without (strategies none and ignore).
-``call_is_argmax`` says whether <CALL> is the most likely token. Rules see the values of
-one step of a batch together, rows in batch order, and may keep state across steps (the
-budget rule does).
-
-- ``never``: no calls (the SLM alone, <CALL> excluded).
-- ``argmax``: call where <CALL> is the most likely token: what a LaCy model was trained to
-  signal.
-- ``threshold``: call where the score > threshold.
-- ``budget``: call on a target share of steps, whatever the scale of the score, so that
-  models trained with different strategies are compared at an equal call rate (the paper
-  deploys ~22%). A running quantile: the threshold is the exact (1 - b) quantile (linear
-  interpolation) of the last ``window`` scores seen, the current step's values
-  included, and a step calls where the score exceeds it. Exact over a window rather than a
-  streaming estimator (P-square, t-digest): with the default window of 4096 floats the
-  quantile is one ``torch.quantile`` per step, cheap next to a forward pass, has no
-  approximation to tune, and the window lets the threshold follow the score as its
-  distribution drifts along a generation.
-
-  Following a drift lags, though: when the score rises (it does along a generation, all
-  rows of a batch moving in step, and in bursts over a multi-token fact), new values land
-  above the window's quantile more often than b; and a score that saturates (p(<CALL>) of
-  a LaCy SLM is 1.0 in fp32 at many steps) ties at the quantile, so that ``score >
-  threshold`` holds nowhere: at a 10% budget such SLMs called on 0-1.5% of steps. Three
-  corrections make the realised share exact:
-  - p(<CALL>) is ranked by its log-odds, z_call - logsumexp of the other logits
-    (``ranked_score``: the same order, never saturated), not by p;
-  - the call debt d = budget x values seen - calls made raises or lowers the share asked
-    of the quantile: b = budget + d / min(values seen, window), clipped to [0, 1];
-  - a floor and a cap: with this step's values counted, a step makes at least
-    floor(budget x seen - calls made) calls and at most ceil(budget x seen - calls made);
-    between them, as many as pass the threshold. The calls go to the step's highest
-    scores, equal scores in a seeded random order (``seed``). So after every step the calls
-    made are budget x seen within one call, whatever the score's distribution: tied,
-    saturated or drifting. The floor is the debt's own bound rather than a tolerance: a
-    tolerance would let a saturated score under-call by as much as it allows, and the
-    budget is what the strategies are compared at.
-  The quantile still decides *which steps* call when it can (calls bunch where scores are
-  high, within the one-call band); the floor and cap only bind where it errs.
-  (Before the floor, a 4-row generation of the caller model in tests/test_eval.py called on
-  37% of steps for a 30% budget, without the cap; a stream of exact 1.0s never called.)
-
-  Warm-up: before ``window`` values have been seen the quantile is over all values seen so
-  far (current step included). On the first step of a batch of B rows that ranks the B
-  values against each other and the floor makes exactly floor(budget x B) of them call; a
-  lone row (B = 1) does not call on its very first step (budget x 1 < 1 call owed).
-  ``budget`` 0 and 1 are exact: never and always.
+Scores (higher means "call"): ``p_call``, ``call_logodds``, ``entropy``, ``max_prob``
+(``combined`` is in calibration.py); ``resolve_score`` picks one for ``auto``. Rules:
+``never``, ``argmax``, ``threshold`` and ``budget`` (a running quantile with a call debt,
+a floor and a cap, so the realised call share is the budget within one call). Rules see
+one step of a batch at a time and may keep state across steps. docs/cascade.md says what
+each score measures and why the budget rule is built as it is.
 """
 from __future__ import annotations
 
@@ -79,7 +26,7 @@ _NO_CALL_TARGETS = ("none", "ignore")
 
 def call_scores(logits: torch.Tensor, call_id: int,
                 kinds: tuple[str, ...] = ("p_call", "call_logodds", "entropy", "max_prob")) -> dict[str, torch.Tensor]:
-    """(N, V) logits -> the call scores ``kinds`` of the module docstring, (N,) fp32 each."""
+    """(N, V) logits -> the call scores ``kinds`` (docs/cascade.md), (N,) fp32 each."""
     logits = logits.float()
     out = {}
     if "p_call" in kinds:

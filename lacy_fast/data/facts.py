@@ -7,7 +7,7 @@
 
 ``facts.jsonl`` rows are ``{"id", "name", "pronoun", "facts": {attribute: value}}`` as
 ``lacy-fast synth`` writes them (other keys of a row are ignored). Value sets are disjoint
-across attributes (synth.py says why), so a value found in a text names its attribute. The
+across attributes (docs/data.md says why), so a value found in a text names its attribute. The
 attributes are the table's own (``FactTable.attributes``, in the order rows list them): the
 table is read without the generator that wrote it, so evaluation and the oracle big model
 (``cascade/big.py``) depend on this module and not on ``synth.py``.

@@ -4,39 +4,9 @@
     # tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 ``AutoTokenizer.from_pretrained(DIR)`` then loads a ``PreTrainedTokenizerFast`` that gives
-the ids lacy-fast's ``Tokenizer`` gives, and decodes them to the same text.
-
-The vocabulary and merges are read from the .model file by transformers' own
-SentencePiece conversion (``convert_slow_tokenizer.SentencePieceExtractor`` and
-``SpmConverter.build_tokenizer_from_spm_proto``: the BPE or unigram model with byte
-fallback, ``</s>`` and ``<CALL>`` as special tokens). What that conversion leaves open is
-the dummy prefix, set here to reproduce SentencePiece with ``add_dummy_prefix=True`` and no
-whitespace collapsing (``tokenizer.py``):
-
-- SentencePiece prepends "▁" to every text, even one that starts with a space. The
-  tokenizers library's Metaspace pre-tokenizer does not prepend to a text that already
-  starts with one, and a ``Prepend`` normalizer would prepend to each stretch of text
-  between special tokens ("a <CALL> b" would decode to "a <CALL>  b"). So the normaliser
-  is a regex replace of the empty match at the start of the text, unless a special token
-  starts it, and the special tokens are matched after normalisation (``normalized=True``):
-  the whole text is normalised once, gets exactly one prefix, and ``<CALL>`` is found
-  anywhere in it. Spaces then become "▁", and "▁" splits words as SentencePiece's
-  ``split_by_whitespace`` does.
-- Decoding replaces "▁" by a space, joins byte pieces, and strips the one leading space of
-  the prefix, as SentencePiece's decode does.
-
-``</s>`` (EOS) is also the tokenizer's BOS and is put before every encoded text (a
-post-processor), because lacy-fast decodes a prompt after EOS, where documents start in
-training (``cascade.slm.context_ids``): ``tokenizer(text)`` gives the context a lacy-fast
-model expects. Unlike lacy-fast's tokenizer, where ``<CALL>`` is a control symbol that text
-never produces, the Hugging Face tokenizer reads the string "<CALL>" as the token, as it
-does any special token (``split_special_tokens=True`` turns that off), so generated text
-with calls encodes back to the same ids.
-
-Checked in tests/test_hf_export.py against SentencePiece: same ids on plain text (runs of
-whitespace, leading spaces, tabs and newlines, byte-fallback characters, emoji) and the same
-decoded text; the one text SentencePiece itself does not reproduce, a literal "▁" (it is
-its space marker), decodes as SentencePiece decodes it.
+the ids lacy-fast's ``Tokenizer`` gives and decodes them to the same text. The vocabulary
+comes from transformers' own SentencePiece conversion; this module sets the dummy prefix,
+the EOS-as-BOS post-processor and the decoder. docs/data.md says why each is set as it is.
 """
 from __future__ import annotations
 

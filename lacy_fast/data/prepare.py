@@ -5,31 +5,11 @@
     lacy-fast prepare --show data/wiki --docs 5      # decoded documents, fact tokens as [[...]]
     lacy-fast prepare --input synth/corpus.jsonl --out data/s --judge oracle:synth/facts.jsonl
 
-Steps: resolve the inputs; lock ``OUT`` (``lacy_fast/lock.py``: a second prepare of the same
-folder is refused until the first ends); check the settings against ``OUT/prepare.json``;
-train the SentencePiece tokenizer on a seeded sample of the documents (or copy the given
-one) to ``OUT/tokenizer.model``; only then record the settings in ``OUT/prepare.json`` (a
-tokenizer that failed to train commits nothing, so a rerun with other settings is
-accepted; a tokenizer.model without prepare.json is a leftover and is trained again); stream the documents in shards of ``shard_docs`` to K worker
-processes, each tokenizing + labeling a whole shard and writing it atomically; then the
-judge step (``relabel.py``: flag bit 1 from ``--judge``, a step of its own); finally write
-``OUT/stats.json``. The directory layout and the shard format are in ``shards.py``.
-
-Resumable: a shard is the unit of work. A rerun with the same settings keeps every shard
-whose file is complete (header valid, same tokenizer, right document count) and redoes
-the others; a rerun with different settings (inputs, tokenizer, labeling rule, shard size)
-is refused, because mixing them in one directory would mix two datasets. ``workers`` and
-``label.batch_size`` may change between runs: they change speed, not content. Neither
-may the judge: a rerun with another ``--judge`` keeps the spaCy shards and relabels only
-bit 1 (``relabel.py`` says how).
-
-A worker that dies (killed, out of memory) stops the run with one sentence instead of a
-hang (``concurrent.futures`` notices the dead process); finished shards are kept. Workers
-never outlive the run either: on Linux the kernel kills a worker when its parent dies
-(``PR_SET_PDEATHSIG``, set as the worker starts), and every worker checks that its parent
-still lives before it writes a shard (the portable half, and the cover for a parent that
-died before the worker set the signal). So after a kill -9 of ``prepare`` nothing keeps
-writing into the directory, and a rerun never races a leftover.
+Locks OUT, checks the settings against ``OUT/prepare.json``, trains (or copies) the
+tokenizer, then tokenizes and labels shards in worker processes, runs the judge step and
+writes ``OUT/stats.json`` last. A rerun keeps every complete shard; other settings are
+refused. docs/data.md gives the order of the steps and what a dead worker or a killed run
+leaves.
 """
 from __future__ import annotations
 

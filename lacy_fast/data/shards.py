@@ -5,45 +5,12 @@
     shard.tokens, shard.flags, shard.doc_offsets            # memmaps
     shards = ShardSet("out")                                # a `lacy-fast prepare` output
 
-File layout of ``shard_NNNNN.bin`` (little-endian), format version 1:
-
-    offset  bytes  field
-         0      8  magic b"LACYSHRD"
-         8      4  format version, uint32 (1)
-        12      4  bytes per token id, uint32: 2 (uint16) when vocab_size <= 65536, else 4 (uint32)
-        16      8  n_tokens, uint64
-        24      8  n_docs, uint64
-        32      4  vocab_size, uint32 (<CALL> included)
-        36      4  reserved, 0
-        40     32  sha256 of the tokenizer .model file (raw digest)
-        72     56  reserved, 0
-       128         tokens       (n_tokens,) uint16 | uint32
-                   flags        (n_tokens,) uint8: bit 0 fact proxy, bit 1 judge, others reserved
-                   (zero padding to a multiple of 8 bytes)
-                   doc_offsets  (n_docs + 1,) int64: document d is tokens[doc_offsets[d]:doc_offsets[d+1]]
-
-Every document ends with the tokenizer's EOS (flag 0), so packing samples is reading the
-concatenated stream. A shard written by another tokenizer or format version is refused with
-a sentence saying which and what to do.
-
-Corruption is one sentence naming the file, never a traceback. Checked when a shard is
-opened, all cheap: the header (magic, version, a token width that matches the vocabulary,
-the file size it implies) and the document offsets (from 0 to ``n_tokens``, never
-decreasing; O(documents), and read at open anyway to build the sample index). Token ids
-(< vocab_size) are checked lazily, vectorised, one block of ``CHECK_BLOCK`` tokens the
-first time a read touches it: a full scan at open would read every token of the dataset on
-every start of every rank (2 GB per billion tokens), while the lazy check costs one pass
-over what a run reads anyway, and never the same block twice. A checksum would catch more
-(flipped flag bits) but needs a format change and the same full read to verify.
-
-A ``prepare`` output directory holds ``tokenizer.model``, ``prepare.json`` (the settings
-that determine the shards; a rerun with other settings is refused), ``shard_NNNNN.bin``
-with ``shard_NNNNN.stats.json`` (its label counts), ``stats.json`` (written last, when
-every shard is done) and optional per-token sidecars ``shard_NNNNN.<name>.npy`` of shape
-(n_tokens,) written later by other tools (e.g. a float32 reference-model NLL for Rho-1).
-
-Inspect labels by decoding: ``python -m lacy_fast.data.shards DIR [--docs N]`` prints
-documents with fact tokens marked as ``[[Warsaw]]`` and judge tokens as ``{{Warsaw}}``.
+A shard is a 128-byte header, the tokens, their flags (bit 0 fact, bit 1 judge) and the
+document offsets; every document ends with EOS. Opening checks the header and the offsets;
+token ids are checked lazily, one ``CHECK_BLOCK`` at a time. Corruption is one sentence
+naming the file. docs/data.md has the byte layout, the checks and a prepared directory's
+files. ``python -m lacy_fast.data.shards DIR [--docs N]`` prints decoded documents with
+fact tokens as ``[[Warsaw]]`` and judge tokens as ``{{Warsaw}}``.
 """
 from __future__ import annotations
 

@@ -3,40 +3,12 @@
     lacy-fast synth --out DIR [--people N] [--seed S] [--renderings R] [--heldout F]
                     [--frequent-share F] [--frequent-docs K] [--free-wording W] [--mentions M] [key=value ...]
 
-writes
-- ``DIR/corpus.jsonl``: one ``{"text": ...}`` biography per line;
-- ``DIR/facts.jsonl``: the ground truth, one ``{"id", "name", "pronoun", "facts": {attribute: value},
-  "bucket", "documents"}`` per person (``award`` is absent for people without one; ``bucket``
-  is ``frequent`` or ``rare``; ``documents`` counts the person's biographies in the corpus);
-- ``DIR/heldout.jsonl``: ``{"id", "text", "free"}``: new renderings of the biographies of a
-  subset of the same people (every fact sentence through another template than in the
-  corpus where one is left, other fillers, wording and order), for perplexity and the call
-  statistics on unseen text; ``free`` lists the character spans of their free wording;
-- ``DIR/articles.jsonl``: one ``{"title", "text"}`` article per person (its first biography),
-  a knowledge source in the format of real ones (Wikipedia lead sections) for
-  ``lacy-fast eval --knowledge`` and ``lacy-fast factscore --knowledge``.
-
-Each fact is stated through one of several paraphrase templates (``TEMPLATES``: attribute ->
-templates with a ``{value}`` slot), so the grammar varies while the facts do not.
-``CUES`` maps the words that introduce a value ("was born in") to its attribute: the
-evaluation uses it to know what a generation is about to state, and an oracle big model
-answers calls from the fact table. Value sets are disjoint across attributes (every
-syllable word is used once, dates appear only as birth dates), so an exact FactScore can
-match a generated string against each attribute's values.
-
-The paper's regime (``Regime``, the command's defaults ``PAPER``) has the two properties
-LaCy's claim rests on:
-- facts a small model can learn and facts it cannot: a few *frequent* people are written
-  about in many biographies (and mentioned in others'), most *rare* people in one or two;
-- acceptable alternatives: *free wording* (``FREE_WORDS``, ``CONNECTIVES``) whose choice is
-  free and truthful, so its loss stays high for every model, like an unknown fact's, while
-  spaCy's fact rule leaves it alone.
-``UNIFORM`` (the Python API's default) is the corpus of earlier versions: every person in
-``renderings`` biographies, fixed wording, byte for byte.
-
-Everything is a pure function of the seed and the settings: same seed, same bytes. Names
-and places are made of syllables. The default 30,000 people hold ~240,000 facts, more than
-a small model can memorise; the demo uses a few hundred.
+writes ``corpus.jsonl``, ``facts.jsonl`` (the ground truth), ``heldout.jsonl`` (new
+renderings for perplexity and call statistics) and ``articles.jsonl`` (a knowledge source).
+Facts are stated through paraphrase ``TEMPLATES``; ``CUES`` maps the words that introduce a
+value to its attribute. ``PAPER`` is the paper's regime (frequent and rare people, free
+wording), ``UNIFORM`` the fixed corpus of earlier versions. Everything is a pure function
+of the seed and the settings. docs/data.md describes the files and the regime.
 """
 from __future__ import annotations
 
@@ -51,7 +23,7 @@ from typing import Iterator
 from lacy_fast.config import Config, doc
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import atomic_path
-from lacy_fast.overrides import Shorthand, add_config_arguments, build_config, print_explain, shorthand_help
+from lacy_fast.overrides import Shorthand, add_config_arguments, config_or_explain, shorthand_help
 
 ATTRIBUTES = ("birth_date", "birth_place", "nationality", "education", "occupation", "employer", "award",
               "residence")
@@ -576,11 +548,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, SynthConfig)
 
 
+def _doc_of(name: str) -> str:
+    import dataclasses as dc
+
+    return next(f.metadata["doc"] for f in dc.fields(SynthConfig) if f.name == name)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.explain:
-        print_explain(SynthConfig, "synth", SHORTHANDS)
+    if (cfg := config_or_explain(SynthConfig, args, SHORTHANDS, "synth")) is None:  # --explain
         return 0
-    cfg = build_config(SynthConfig, args, SHORTHANDS, command="synth")
     if not cfg.out:
         raise UserError("no output directory given; pass --out DIR")
     regime = Regime(cfg.frequent_share, cfg.frequent_docs, cfg.free_wording, cfg.mentions)
@@ -588,9 +564,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {counts['documents']} biographies of {counts['people']} people ({counts['frequent']} frequent, "
           f"{counts['facts']} facts) and {counts['heldout']} held-out renderings to {cfg.out}")
     return 0
-
-
-def _doc_of(name: str) -> str:
-    import dataclasses as dc
-
-    return next(f.metadata["doc"] for f in dc.fields(SynthConfig) if f.name == name)

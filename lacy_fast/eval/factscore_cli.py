@@ -30,7 +30,7 @@ from lacy_fast.config import Config, doc
 from lacy_fast.errors import ConfigError, UserError
 from lacy_fast.fileio import check_writable, jsonl_string_pairs, utf8_problem, write_json
 from lacy_fast.eval.report import format_scores
-from lacy_fast.overrides import Shorthand, add_config_arguments, configure, shorthand_help
+from lacy_fast.overrides import Shorthand, add_config_arguments, config_or_explain, shorthand_help
 from lacy_fast.progress import Progress
 
 GEN_HINT = 'JSONL with one {"title": ..., "generation": ...} per line'
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = configure(FactScoreConfig, args, SHORTHANDS, "factscore")
+    cfg = config_or_explain(FactScoreConfig, args, SHORTHANDS, "factscore")
     if cfg is None:
         return 0
     if args.knowledge is None or args.generations is None:

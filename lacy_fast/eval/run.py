@@ -46,7 +46,7 @@ from lacy_fast.eval.plots import plot_sweep
 from lacy_fast.eval.report import format_report, format_sweep
 from lacy_fast.eval.sources import FactSource, Item, SyntheticSource, open_source, summarize
 from lacy_fast.fileio import check_writable, write_json
-from lacy_fast.overrides import Shorthand, add_config_arguments, configure, shorthand_help
+from lacy_fast.overrides import Shorthand, add_config_arguments, config_or_explain, shorthand_help
 from lacy_fast.progress import Progress
 
 SlmLike = ExportedModel | str | Path
@@ -234,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sweep_given = _parse_sweep(args)
-    cfg = configure(EvalConfig, args, SHORTHANDS, "eval")
+    cfg = config_or_explain(EvalConfig, args, SHORTHANDS, "eval")
     if cfg is None:
         return 0
     args.sweep = ",".join(map(str, cfg.sweep)) if sweep_given else None

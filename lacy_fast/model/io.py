@@ -1,34 +1,8 @@
 """The consolidated model export: what `lacy-fast generate` / `eval` load, what a training
 run writes next to its DeepSpeed checkpoints, and a Hugging Face model directory that
-transformers opens as it is (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``,
-no custom code).
-
-An export is a directory::
-
-    config.json              transformers' GPT2Config of the same network (``hf.py``), and
-                             "lacy_fast": {"format": "lacy-fast-export", "version": 2,
-                             "model": ModelConfig, "tokenizer_sha256", "call_id", "params", ...extra}
-    model.safetensors        GPT2LMHeadModel weights (tied head stored once, as wte; the
-                             vocabulary's padding rows included)
-    generation_config.json   EOS, and <CALL> and the padding rows suppressed in generate()
-    tokenizer.model          the SentencePiece model the weights were trained with (lacy-fast reads it)
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json
-                             the same tokenizer for transformers (``data/hf_tokenizer.py``)
-    train_config.json        the full training config (optional)
-    manifest.json            size and sha256 of every file above, written last
-                             (``fileio.write_manifest``)
-
-One format serves both: lacy-fast maps GPT-2's weight names and layout back to its own on
-load (a transpose per matrix, nothing measurable next to reading the file). Exports of
-version 1 (lacy-fast's own layout, before this format) still load in lacy-fast; transformers
-cannot open them.
-
-It is written atomically (a temporary directory renamed into place), so a reader never
-sees a half-written export. ``load_export`` (what `generate`, `eval` and rho's reference
-read) checks every file against the manifest first: a flipped bit, a truncated or missing
-file is one sentence naming it. An export without a manifest (written before manifests
-existed, or re-saved by transformers' ``save_pretrained``) loads unchecked; a training run
-rewrites its own OUT/export when the manifest is gone (``train/checkpoint.py``).
+transformers opens as it is (GPT-2 weights and config, the tokenizer for both, a manifest
+written last). Written atomically; ``load_export`` checks every file against the manifest.
+docs/export.md lists the files and the versions that still load.
 """
 from __future__ import annotations
 
