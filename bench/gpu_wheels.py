@@ -32,7 +32,6 @@ size and sha256; gpu_check.py verifies them before it installs anything.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -14,7 +14,7 @@ import torch
 
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
-from lacy_fast.model.gpt import GPT, KVCache
+from lacy_fast.model.gpt import GPT
 from lacy_fast.model.io import load_export
 
 

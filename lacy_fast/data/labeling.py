@@ -35,7 +35,7 @@ from lacy_fast.config import LabelConfig
 from lacy_fast.data import native
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.errors import UserError
-from lacy_fast.method import FLAG_FACT, FLAG_JUDGE  # noqa: F401  (defined there, re-exported here)
+from lacy_fast.method import FLAG_FACT
 
 # spaCy components no fact rule reads; the parser is the most expensive of them.
 _NEVER_NEEDED = ("parser", "lemmatizer", "trainable_lemmatizer", "senter", "textcat", "textcat_multilabel",

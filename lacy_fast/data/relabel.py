@@ -25,7 +25,7 @@ import numpy as np
 from lacy_fast.config import JudgeConfig, PrepareConfig
 from lacy_fast.data import shards as shard_io
 from lacy_fast.data.judge import describe, judge_documents, load_judge, parse_spec
-from lacy_fast.data.labeling import FLAG_JUDGE
+from lacy_fast.method import FLAG_JUDGE
 from lacy_fast.data.tokenizer import Tokenizer
 from lacy_fast.data.workers import ShardPool, die_with_parent, exit_if_orphaned
 from lacy_fast.errors import UserError
