@@ -197,6 +197,12 @@ class OnlineBatches:
         self.cache_dir = Path(data.path) / f"rank{rank:03d}-of-{world:03d}" if data.path else None
         self.skipped: dict[str, int] = {}
         self.workers: _Workers | None = None
+        self.shards = None  # labeled as it trains: no prepared shards behind the batches
+        self.ref_sidecar = None
+
+    def batch(self, step: int, micro: int) -> None:
+        """None: the stream's position is not a function of the step."""
+        return None
 
     # -- labeled documents, chunk by chunk ------------------------------------------------
 
