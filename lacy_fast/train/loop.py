@@ -8,7 +8,8 @@ and ``save`` every ``ckpt_every``.
 integers summed over ranks on a gloo group. ``log`` is the one device read per interval;
 ``save`` writes the pending rows first, refuses non-finite weights, and advances
 ``checkpoints/latest`` last (``checkpoint.py``). A resumed run must keep the settings of its
-identity (``identity.py``); its data position is a function of the step.
+identity (``identity.py``); its data position is a function of the step (online data:
+checkpointed per rank). Why a non-finite step stops the run: docs/training.md.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from lacy_fast.kernels import selection_bound
 from lacy_fast.method import Targets, selected_count
 from lacy_fast.progress import Progress, human
 from lacy_fast.train.banner import Startup, run_banner
-from lacy_fast.train.checkpoint import Checkpointer, gather_weights, lock_out_dir
+from lacy_fast.train.checkpoint import (Checkpointer, clean_export_leftovers, export_problem, gather_weights,
+                                        lock_out_dir)
 from lacy_fast.train.dist import Dist, reduce_host, setup_distributed
 from lacy_fast.train.guards import FiniteGuard, Signals, diverged
 from lacy_fast.train.memory import check_fits
@@ -192,8 +194,6 @@ class Trainer:
     def _repair_export(self) -> None:
         """Make OUT/export the export of the checkpoint just resumed (a kill or a full disk
         while a save wrote it leaves none, an older one or a damaged one), saying so."""
-        from lacy_fast.train.checkpoint import clean_export_leftovers, export_problem
-
         problem = None
         if self.d.is_main:
             clean_export_leftovers(self.out)
@@ -260,13 +260,13 @@ class Trainer:
 
     def step(self, signals: Signals | None = None) -> bool:
         """One optimizer step (``grad_accum`` micro-steps); returns whether a rank was asked to stop."""
-        tc, engine = self.t, self.engine
-        if self.profiler is not None and self.step_no == tc.profile_start:
+        engine = self.engine
+        if self.profiler is not None and self.step_no == self.t.profile_start:
             self.profiler.start()
         waited_before = self.batches.waited
         sums, host_gt, n_facts, norm = None, 0, 0, None
         fraction = self.step_fraction()
-        for micro in range(tc.grad_accum):
+        for micro in range(self.t.grad_accum):
             host = self.batches.next()
             self.data_state = host.position
             batch = host.to(self.d.device)
@@ -275,10 +275,10 @@ class Trainer:
             if self.tracker is not None and host.target_ids is not None:
                 self.tracker.add(host.target_ids, host.targets, host.flags, stats["is_call"])
             engine.backward(loss)
-            if micro == tc.grad_accum - 1 and self.own_norm:
+            if micro == self.t.grad_accum - 1 and self.own_norm:
                 # ZeRO-0 in fp32 clips without recording the norm: take it from the
                 # (already all-reduced) gradients, on the device.
-                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.grads_of]))
+                norm = torch.linalg.vector_norm(torch.stack([param.grad.norm() for param in self.grads_of]))
             engine.step()
             batch_sums = micro_sums(loss, stats, batch.targets, self.objective.strategy, self.rule,
                                     self.objective.renormalize)
@@ -295,7 +295,7 @@ class Trainer:
             norm = norm.detach() if isinstance(norm, torch.Tensor) else norm
         self.guard.record(self.step_no, sums[0], norm)
         self.pending.append(StepStats(sums, step_facts, self.gt_tokens, float(engine.get_lr()[0]), norm))
-        if self.probe is not None and (self.step_no % tc.probe_every == 0 or not self.budget_left()):
+        if self.probe is not None and (self.step_no % self.t.probe_every == 0 or not self.budget_left()):
             self.probe_rows[self.step_no] = self.probe.measure(self.model, self.tokenizer.call_id, self.d.device)
         self._profile_step()
         return bool(stop)
