@@ -70,8 +70,9 @@ def run_once(args, data: Path, strategy: str, out: Path, peak: float) -> dict:
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > args.warmup]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "mfu": timed[-1]["mfu"], "data_wait": statistics.median(r["data_wait"] for r in timed),
+    intervals = [r for r in timed if "tokens_per_s" in r]  # each logging interval's last row
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in intervals),
+            "mfu": timed[-1]["mfu"], "data_wait": statistics.median(r["data_wait"] for r in intervals),
             "peak_mem_gb": timed[-1]["peak_mem_gb"], "loss": timed[-1]["loss"]}
 
 

@@ -203,6 +203,8 @@ def run_trainer(data: Path, out: Path, strategy: str, attention: str, shape: dic
 
     from lacy_fast.config import RunConfig, load_config
     from lacy_fast.train import loop
+    from lacy_fast.train.dist import setup_distributed
+    from lacy_fast.train.settings import resolve
 
     class Timed(loop.Trainer):
         def save(self) -> None:  # the end-of-run checkpoint and export: I/O, not what is timed
@@ -218,11 +220,9 @@ def run_trainer(data: Path, out: Path, strategy: str, attention: str, shape: dic
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    loop._select_accelerator()
-    loop._quiet_deepspeed()
-    d = loop.setup_distributed()
+    d = setup_distributed()
     try:
-        trainer = Timed(cfg, d, progress=False)
+        trainer = Timed(cfg, d, resolve(cfg, d.device, d.world), progress=False)
         try:
             trainer.run()
         finally:
@@ -233,7 +233,7 @@ def run_trainer(data: Path, out: Path, strategy: str, attention: str, shape: dic
     timed = [r for r in rows if r["step"] > warmup]
     if not timed or not math.isfinite(timed[-1]["loss"]):
         raise RuntimeError(f"no finite timed step in {out / 'metrics.jsonl'}")
-    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed if "tokens_per_s" in r)
     return {"tokens_per_s": tokens_per_s, "step_ms": shape["micro_batch"] * shape["seq_len"] / tokens_per_s * 1e3,
             "mfu": timed[-1]["mfu"], "peak_mem_gb": timed[-1]["peak_mem_gb"], "loss": timed[-1]["loss"],
             "call_rate": timed[-1]["call_rate"], "timed_steps": len(timed)}

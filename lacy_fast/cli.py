@@ -20,7 +20,7 @@ from lacy_fast.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lacy_fast.data.synth", "write the built-in synthetic biography corpus and its fact table"),
     "prepare": ("lacy_fast.data.prepare", "tokenize, label facts and write memory-mapped shards"),
-    "train": ("lacy_fast.train.loop", "train a model with the LaCy objective (DeepSpeed)"),
+    "train": ("lacy_fast.train.cli", "train a model with the LaCy objective (DeepSpeed)"),
     "generate": ("lacy_fast.cascade.generate", "cascade generation: the SLM calls a bigger model"),
     "eval": ("lacy_fast.eval.run", "FactScore, fact leakage, call precision/recall and perplexity"),
     "factscore": ("lacy_fast.eval.factscore_cli", "FactScore of generations against a knowledge source"),

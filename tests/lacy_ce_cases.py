@@ -55,7 +55,7 @@ class Case:
     def host_count(self) -> int:
         """The selection count the training loop computes on the host from the batch's
         counts (``selected_count``), before anything reaches the device."""
-        from lacy_fast.train.loop import selected_count
+        from lacy_fast.method import selected_count
 
         valid = valid_targets(self.targets, self.weight.shape[0], self.call_id, IGNORE)
         n_facts = int((valid & ((self.flags & 1) != 0)).sum())

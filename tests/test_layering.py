@@ -1,5 +1,6 @@
 """Which package may import which: evaluation reads fact tables and knowledge sources, not
-the synthetic generator; the cascade (and its oracle big model) does not import evaluation."""
+the synthetic generator; the cascade (and its oracle big model) does not import evaluation;
+data does not import training, and the training pieces do not import the Trainer."""
 import ast
 import json
 from pathlib import Path
@@ -32,6 +33,20 @@ def test_cascade_does_not_import_eval():
     found = imports("cascade")
     assert any(m.startswith("lacy_fast.data.facts") for _, m in found)
     assert [(f, m) for f, m in found if m.startswith("lacy_fast.eval")] == []
+
+
+def test_data_does_not_import_training():
+    found = imports("data")
+    assert any(m == "lacy_fast.data.workers" for _, m in found)  # the prefetcher's pool is data's own
+    assert [(f, m) for f, m in found if m.startswith("lacy_fast.train")] == []
+
+
+def test_the_training_pieces_do_not_import_the_trainer():
+    """loop.py (the Trainer) uses dist, settings, guards, metrics, reference, checkpoint...;
+    none of them runs back up to it (only the command line starts a run)."""
+    found = imports("train")
+    assert {"dist.py", "settings.py", "guards.py", "metrics.py", "reference.py"} <= {f for f, _ in found}
+    assert [(f, m) for f, m in found if m.startswith("lacy_fast.train.loop") and f != "cli.py"] == []
 
 
 def test_fact_table_takes_its_attributes_from_its_rows_and_ignores_unknown_keys(tmp_path):

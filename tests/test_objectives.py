@@ -14,7 +14,7 @@ from lacy_fast.data.shards import ShardSet
 from lacy_fast.errors import UserError
 from lacy_fast.method import Targets
 from lacy_fast.model.io import load_export
-from lacy_fast.train.objective import reference_nll, write_reference_sidecars
+from lacy_fast.train.reference import reference_nll, write_reference_sidecars
 from lacy_fast.train.probes import SelectionTracker
 from helpers import metrics, prepared, train
 

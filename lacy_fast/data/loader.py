@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ from lacy_fast.data.packing import PackedSamples
 from lacy_fast.data.shards import ShardSet
 from lacy_fast.errors import UserError
 from lacy_fast.method import Targets
+
+if TYPE_CHECKING:
+    from lacy_fast.config import RunConfig
+    from lacy_fast.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -66,6 +70,23 @@ def make_batch(tokens: np.ndarray, flags: np.ndarray, pin: bool, targets: Target
     if pin:
         idx, y, f = idx.pin_memory(), y.pin_memory(), f.pin_memory()
     return Batch(idx, y, f, n_valid, n_facts, n_judge)
+
+
+class BatchSource(Protocol):
+    """What the trainer reads from its data: the shard loader (``ShardBatches``) and the
+    online prefetcher (``prefetch.OnlineBatches``)."""
+
+    tokenizer: Tokenizer
+    targets: Targets  # the valid-target rule of the batches' counts
+    shards: ShardSet | None  # the prepared shards behind the batches; None: labeled online
+    ref_sidecar: str | None  # a shards' sidecar of reference nll to attach to batches
+
+    def batches(self, start_step: int, state: dict | None = None) -> Iterator[Batch]:
+        """Micro-batches from optimizer step ``start_step`` or the checkpointed ``state``."""
+
+    def batch(self, step: int, micro: int) -> Batch | None:
+        """Micro-batch ``micro`` of optimizer step ``step``; None where the stream position is
+        not a function of the step (online data)."""
 
 
 class ShardBatches:
@@ -142,6 +163,18 @@ class ShardBatches:
             for micro in range(self.grad_accum):
                 yield self.batch(step, micro)
             step += 1
+
+
+def batch_source(cfg: RunConfig, world: int, rank: int, pin: bool) -> BatchSource:
+    """This rank's batches of ``cfg``: prepared shards, or text labeled online."""
+    t = cfg.train
+    common = dict(seq_len=t.seq_len, micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, world=world,
+                  rank=rank, seed=cfg.data.seed, pin=pin, ignore_index=cfg.objective.ignore_index)
+    if cfg.data.source == "online":
+        from lacy_fast.data.prefetch import OnlineBatches
+
+        return OnlineBatches(cfg.data, **common)
+    return ShardBatches(cfg.data.path, **common)
 
 
 class Background:

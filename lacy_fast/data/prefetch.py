@@ -4,13 +4,12 @@
         data.tokenizer=tok.model data.workers=4 data.path=cache/    # data.path: optional cache
 
 Each rank reads the documents ``i`` with ``i mod world == rank`` and cuts them into chunks
-of ``label.batch_size`` documents; chunk ``c`` is labeled by worker ``c mod K`` (``K =
-data.workers`` processes, spawn start method) with the same ``FactLabeler`` as ``lacy-fast
-prepare``, so online labels equal offline shards for the same text. Every worker reads the
-raw text itself (reading is cheap next to spaCy) and sends its chunks through its own
-bounded pipe; the rank's batch thread takes chunk ``c`` from pipe ``c mod K``, so the
-stream has one order whatever the workers' speeds. Documents are packed as in
-``PackedSamples``: a stream of ``seq_len + 1``-token samples overlapping by one token.
+of ``label.batch_size`` documents, which ``data.workers`` processes (a ``workers.ShardPool``)
+label with the same ``FactLabeler`` as ``lacy-fast prepare``, so online labels equal offline
+shards for the same text. The rank takes the chunks back in chunk order, whatever the
+workers' speeds, with at most ``data.workers x data.queue_depth`` of them in flight.
+Documents are packed as in ``PackedSamples``: a stream of ``seq_len + 1``-token samples
+overlapping by one token.
 
 Position and resume: after each batch, the stream position is (epoch, next chunk, the
 tokens and flags packed but not yet batched). The loop checkpoints the position of the last
@@ -22,158 +21,61 @@ rank as shards in ``data.path/rank{r}-of-{W}/`` (the ``prepare`` format); later 
 them instead of labeling again. Only a first epoch labeled from its start writes the cache
 (a run resumed in the middle of epoch 0 does not).
 
-Failures: a worker that raises (bad input the reader let through, a spaCy crash) reports
-the document location it was labeling and the run stops with that sentence; a worker that
-dies (killed, out of memory) is noticed as its pipe closes, with the location it had
-reached; nothing hangs.
+Failures: a worker that raises (a spaCy crash) reports the documents it was labeling and
+the run stops with that sentence; a worker that dies (killed, out of memory) breaks the
+pool, and the run stops naming it, its exit code and the documents it had reached.
 """
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import queue
-import threading
+from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from lacy_fast.config import DataConfig, LabelConfig, ReaderConfig, to_dict
+from lacy_fast.config import DataConfig, LabelConfig, to_dict
 from lacy_fast.data import shards as shard_io
 from lacy_fast.data.loader import Batch, make_batch
 from lacy_fast.data.readers import SkipReport, read_documents, resolve_inputs
 from lacy_fast.data.tokenizer import Tokenizer
+from lacy_fast.data.workers import ShardPool, die_with_parent
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_json
 from lacy_fast.method import Targets
 
 CACHE_SHARD_DOCS = 20_000  # documents per cache shard
-_WHERE = 512  # bytes of the shared "where is this worker" string
 
 
-# ----------------------------------------------------------------------------------------
-# Worker processes
-# ----------------------------------------------------------------------------------------
+_labeler_job: tuple | None = None  # (label config, tokenizer path) of this worker process
+_labeler: Any = None  # this worker's FactLabeler, made at its first chunk
 
 
-class _Sender:
-    """A worker's end of its channel: ``put`` waits for one of the ``depth`` free slots, then
-    a thread sends (the worker labels on meanwhile), in order."""
-
-    def __init__(self, conn: Any, slots: Any):
-        self.conn, self.slots = conn, slots
-        self.buffer: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._send, daemon=True)
-        self.thread.start()
-
-    def put(self, message: tuple) -> None:
-        self.slots.acquire()
-        self.buffer.put(message)
-
-    def _send(self) -> None:
-        while (message := self.buffer.get()) is not None:
-            self.conn.send(message)
-
-    def close(self) -> None:
-        """Return once every message is sent."""
-        self.buffer.put(None)
-        self.thread.join()
-
-
-def _work(worker: int, n_workers: int, rank: int, world: int, inputs: list[str], reader_cfg: ReaderConfig,
-          label_cfg: LabelConfig, tokenizer_path: str, chunk_docs: int, start_chunk: int, conn: Any, slots: Any,
-          where: Any) -> None:
-    """Label this worker's chunks of this rank's documents; send them through ``conn`` in order."""
+def _start_labeler(label_cfg: LabelConfig, tokenizer_path: str, events: Any, parent: int) -> None:
+    global _labeler_job
+    die_with_parent(parent)
     from lacy_fast.data.labeling import single_threaded
 
-    single_threaded()
-    from lacy_fast.data.labeling import FactLabeler
+    single_threaded()  # before spaCy brings in numpy's thread pools
+    _labeler_job = (label_cfg, tokenizer_path)
 
-    out = _Sender(conn, slots)
-    location = "start-up"
+
+def _label_chunk(texts: list[str]) -> tuple:
+    """("docs", the chunk's labeled documents), or ("error", where, what) when labeling
+    raised (where: "start-up" when the labeler could not be made, else None: the chunk)."""
+    global _labeler
+    where = None
     try:
-        labeler = FactLabeler(label_cfg, Tokenizer.load(tokenizer_path))
-        skips = SkipReport()
-        chunk, docs = 0, []
+        if _labeler is None:
+            where = "start-up"
+            from lacy_fast.data.labeling import FactLabeler
 
-        def emit() -> None:
-            nonlocal location
-            if chunk % n_workers == worker and chunk >= start_chunk:
-                location = f"{docs[0].source}:{docs[0].line}-{docs[-1].line}"
-                where.value = location.encode()[: _WHERE - 1]
-                out.put(("chunk", chunk, labeler.label_batch([d.text for d in docs])))
-
-        for i, doc in enumerate(read_documents(inputs, reader_cfg, skips)):
-            if i % world != rank:
-                continue
-            docs.append(doc)
-            if len(docs) == chunk_docs:
-                emit()
-                chunk, docs = chunk + 1, []
-        if docs:
-            emit()
-            chunk += 1
-        out.put(("end", chunk, dict(skips.counts)))
-    except BaseException as err:  # reported by the rank with the location
-        out.put(("error", location, f"{type(err).__name__}: {err}".splitlines()[0]))
-    finally:
-        out.close()
-
-
-class _Workers:
-    """K labeling processes for one epoch, from ``start_chunk``. Each sends through a pipe of
-    its own whose only write end it holds, so the rank reads end-of-file the moment a worker
-    dies, whatever it was doing (starting up, labeling, waiting for a slot, half-way through
-    a message); ``data.queue_depth`` bounds the messages a worker may have ahead."""
-
-    def __init__(self, n: int, rank: int, world: int, inputs: list[str], data: DataConfig, tokenizer_path: str,
-                 start_chunk: int):
-        ctx = mp.get_context("spawn")
-        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
-        self.conns = [read for read, _ in pipes]
-        self.slots = [ctx.Semaphore(data.queue_depth) for _ in range(n)]
-        self.where = [ctx.Array("c", _WHERE) for _ in range(n)]
-        self.procs = [
-            ctx.Process(target=_work, name=f"lacy-prefetch-{w}", daemon=True,
-                        args=(w, n, rank, world, inputs, data.reader, data.label, tokenizer_path, data.label.batch_size,
-                              start_chunk, pipes[w][1], self.slots[w], self.where[w]))
-            for w in range(n)
-        ]
-        for p, (_, write) in zip(self.procs, pipes):
-            p.start()
-            write.close()  # the worker holds the only write end now
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def get(self, chunk: int) -> tuple:
-        """The message for ``chunk`` from its worker; a dead worker is a UserError."""
-        w = chunk % len(self.procs)
-        try:
-            message = self.conns[w].recv()
-        except (EOFError, OSError):  # the write end closed: the worker is gone
-            self.procs[w].join(timeout=5)
-            where = self.where[w].value.decode(errors="replace")
-            doing = f"labeling {where}" if where else "starting up"
-            raise UserError(f"prefetch worker {w} died (exit code {self.procs[w].exitcode}) while {doing}; check "
-                            "memory (and that input), then rerun to resume from the last checkpoint") from None
-        self.slots[w].release()
-        return message
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-        for p in self.procs:
-            p.join(timeout=5)
-        for conn in self.conns:
-            conn.close()
-
-
-# ----------------------------------------------------------------------------------------
-# The rank's stream
-# ----------------------------------------------------------------------------------------
+            _labeler = FactLabeler(_labeler_job[0], Tokenizer.load(_labeler_job[1]))
+            where = None
+        return ("docs", _labeler.label_batch(texts))
+    except Exception as err:  # reported by the rank with the location
+        return ("error", where, f"{type(err).__name__}: {err}".splitlines()[0])
 
 
 class OnlineBatches:
@@ -196,7 +98,13 @@ class OnlineBatches:
         self.world, self.rank, self.pin = world, rank, pin
         self.cache_dir = Path(data.path) / f"rank{rank:03d}-of-{world:03d}" if data.path else None
         self.skipped: dict[str, int] = {}
-        self.workers: _Workers | None = None
+        self.workers: ShardPool | None = None  # the labeling workers, while an epoch is labeled
+        self.shards = None  # labeled as it trains: no prepared shards behind the batches
+        self.ref_sidecar = None
+
+    def batch(self, step: int, micro: int) -> None:
+        """None: the stream's position is not a function of the step."""
+        return None
 
     # -- labeled documents, chunk by chunk ------------------------------------------------
 
@@ -226,29 +134,63 @@ class OnlineBatches:
     def _labeled_chunks(self, epoch: int, start: int, write_cache: bool):
         cache = _CacheWriter(self.cache_dir, self.tokenizer, self._fingerprint()) if (
             write_cache and self.cache_dir is not None) else None
-        self.workers = _Workers(max(1, self.data.workers), self.rank, self.world, self.inputs, self.data,
-                                str(self.tokenizer_path), start)
-        try:
-            chunk = start
-            while True:
-                kind, *rest = self.workers.get(chunk)
-                if kind == "error":
-                    where, what = rest
-                    raise UserError(f"prefetch worker failed while labeling {where} ({what}); fix or remove that "
-                                    "input and rerun")
-                if kind == "end":
-                    self.skipped = rest[1]
+        n = max(1, self.data.workers)
+        skips = SkipReport()
+        texts = self._text_chunks(start, skips)
+        queued: deque[tuple[int, str]] = deque()  # (chunk, its documents' lines), submitted in order
+        with ShardPool(n, _start_labeler, (self.data.label, str(self.tokenizer_path)), None, doing="labeling",
+                       kept="labeled") as pool:
+            self.workers = pool
+            try:
+                while True:
+                    while len(queued) < n * self.data.queue_depth and (item := next(texts, None)) is not None:
+                        chunk, location, batch = item
+                        pool.submit(chunk, _label_chunk, batch, label=location)
+                        queued.append((chunk, location))
+                    if not queued:
+                        break
+                    chunk, location = queued.popleft()
+                    docs = self._labeled(pool, chunk, location)
                     if cache is not None:
-                        cache.finish()
-                    return
-                _, docs = rest
-                if cache is not None:
-                    cache.add(docs)
-                yield epoch, chunk, docs
-                chunk += 1
-        finally:
-            self.workers.close()
-            self.workers = None
+                        cache.add(docs)
+                    yield epoch, chunk, docs
+            except BrokenProcessPool:
+                raise self._died(pool) from None
+            finally:
+                self.workers = None
+        self.skipped = dict(skips.counts)
+        if cache is not None:
+            cache.finish()
+
+    def _text_chunks(self, start: int, skips: SkipReport) -> Iterator[tuple[int, str, list[str]]]:
+        """(chunk, where its documents lie, their texts) of this rank's documents from ``start`` on."""
+        chunk, docs = 0, []
+        for i, doc in enumerate(read_documents(self.inputs, self.data.reader, skips)):
+            if i % self.world != self.rank:
+                continue
+            docs.append(doc)
+            if len(docs) == self.data.label.batch_size:
+                if chunk >= start:
+                    yield chunk, f"{docs[0].source}:{docs[0].line}-{docs[-1].line}", [d.text for d in docs]
+                chunk, docs = chunk + 1, []
+        if docs and chunk >= start:
+            yield chunk, f"{docs[0].source}:{docs[0].line}-{docs[-1].line}", [d.text for d in docs]
+
+    @staticmethod
+    def _labeled(pool: ShardPool, chunk: int, location: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        kind, *rest = pool.result(chunk)
+        if kind == "error":
+            where, what = rest
+            raise UserError(f"prefetch worker failed while labeling {where or location} ({what}); fix or remove "
+                            "that input and rerun")
+        return rest[0]
+
+    @staticmethod
+    def _died(pool: ShardPool) -> UserError:
+        worker, code, where = pool.dead_worker() or (None, None, "")
+        doing = f"labeling {where}" if where else "starting up"
+        return UserError(f"prefetch worker {'?' if worker is None else worker} died (exit code {code}) while {doing}; "
+                         "check memory (and that input), then rerun to resume from the last checkpoint")
 
     def _cached_chunks(self, epoch: int, start: int):
         shards = shard_io.ShardSet(self.cache_dir)

@@ -20,8 +20,10 @@ per parameter for an fp32 ZeRO-0 run, ``tests/test_train.py``).
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from lacy_fast.progress import human
@@ -69,6 +71,25 @@ def data_line(cfg, steps: int, tokens_per_step: int, stats: dict[str, Any] | Non
     passes = read / tokens
     over = f"{passes:.1f} passes" if passes >= 1 else f"{passes:.2g} of a pass"
     return f"{cfg.data.path}: {human(tokens)} tokens in {docs:,} documents; {steps} steps read {human(read)} tokens, {over}"
+
+
+def run_banner(trainer) -> list[str]:
+    """What a built ``loop.Trainer`` is about to do, printed by rank 0 before the first step."""
+    cfg, t = trainer.cfg, trainer.t
+    stats = None
+    if cfg.data.source == "shards" and cfg.data.path:
+        try:
+            stats = json.loads((Path(cfg.data.path) / "stats.json").read_text())
+        except (OSError, ValueError):
+            stats = None
+    steps = min(t.max_steps, t.lr_decay_steps) if t.max_gt_tokens > 0 else t.max_steps
+    start = (f"resuming from step {trainer.step_no}" if trainer.resume_tag is not None else
+             trainer.init_note or "a new run from random weights")
+    return banner_lines(
+        cfg=trainer.run_cfg, out=trainer.out, shape=trainer.model_cfg.shape, model_cfg=trainer.model_cfg,
+        params=trainer.model.num_params(), strategy_note=strategy_note(trainer.objective, trainer.call_rate),
+        world=trainer.d.world, device=str(trainer.d.device), precision=trainer.precision, steps=steps,
+        data_stats=stats, start_note=start, logging_note=trainer.writer.describe())
 
 
 def banner_lines(*, cfg, out, shape: str, model_cfg, params: int, strategy_note: str, world: int, device: str,

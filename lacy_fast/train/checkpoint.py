@@ -279,3 +279,39 @@ def export_problem(export_dir: Path, step: int) -> str | None:
         return f"holds step {meta.get('step')}, not the checkpoint's step {step}"
     problem = export_integrity(export_dir, required=True)  # a run's own export always has a manifest
     return None if problem is None else f"is damaged: {problem}"
+
+
+def lock_out_dir(out_dir: Path, fresh: bool, d) -> Any:
+    """Rank 0 locks out_dir for the run (``--fresh``: then deletes an earlier run's files) and
+    returns the held lock; every rank learns whether it could (None on the other ranks)."""
+    from lacy_fast.lock import DirLock
+    from lacy_fast.train.dist import reduce_host
+
+    error, held = None, None
+    if d.is_main:
+        lock = DirLock(out_dir, "training run")
+        try:
+            lock.acquire()
+            held = lock
+            if fresh:
+                deleted = start_over(out_dir)
+                print(f"--fresh: deleted the earlier run's {', '.join(deleted)} in {out_dir}" if deleted else
+                      f"--fresh: {out_dir} holds no earlier run", file=sys.stderr)
+        except UserError as err:
+            error = err
+    if reduce_host([int(error is not None)], d)[0]:
+        if held is not None:
+            held.release()
+        raise error or UserError(f"{out_dir} is in use by another training run (rank 0 names it); wait for it "
+                                 "to finish or stop it, or use another out_dir")
+    return held
+
+
+def gather_weights(model: torch.nn.Module, zero_stage: int, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict on rank 0 (gathered from ZeRO-3 shards), None elsewhere."""
+    import deepspeed
+
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if is_main else None
+    return model.state_dict() if is_main else None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lacy_fast.config import RunConfig
 
 
@@ -50,3 +52,10 @@ def deepspeed_config(cfg: RunConfig, *, world_size: int, precision: str) -> dict
         "steps_per_print": 1 << 62,  # our own progress line and metrics.jsonl
         "wall_clock_breakdown": False,
     }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear weights, embeddings), not on biases and LayerNorms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]

@@ -1,4 +1,6 @@
-"""Training metrics: MFU, the per-step metrics.jsonl, TensorBoard when installed, W&B when asked.
+"""Training metrics: the per-step rows of metrics.jsonl (one device read per logging
+interval; the interval's throughput, MFU, data wait and peak memory on its last row), MFU,
+TensorBoard when installed, W&B when asked, and the profiler's trace window.
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s, with
 the model's FLOPs from ``GPT.estimate_flops_per_token`` (6N + 12LHQT per token, forward +
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ import torch
 
 from lacy_fast.errors import UserError
 from lacy_fast.fileio import write_text
+from lacy_fast.method import Targets
+from lacy_fast.train.dist import Dist
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from the vendors' data sheets: (bf16, fp32).
 # Matched by substring of torch.cuda.get_device_name, first match wins (more specific
@@ -70,6 +75,99 @@ def peak_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return 0
+
+
+@dataclass
+class StepStats:
+    """Device-side sums of one optimizer step (read at log time)."""
+
+    sums: torch.Tensor  # (6,) loss, loss_gt*n, n_gt, loss_call*n, n_call, n_valid
+    n_facts: int = 0
+    gt_tokens: int = 0
+    lr: float = 0.0
+    grad_norm: float | torch.Tensor | None = None  # DeepSpeed's (host or device), or ours (device)
+
+
+def micro_sums(loss: torch.Tensor, stats: dict[str, torch.Tensor], targets: torch.Tensor, strategy: str,
+               rule: Targets, renormalize: bool = True) -> torch.Tensor:
+    """(6,) device sums of a micro-batch: loss, gt loss sum, n_gt, CALL loss sum, n_call, n_valid.
+    The gt loss is the one the objective trained on: the renormalised nll, or plain
+    cross-entropy for strategy none and for objective.renormalize=false."""
+    with torch.no_grad():
+        valid = rule.valid(targets.flatten())  # (N,) the op's valid targets
+        is_call = stats["is_call"] & valid
+        gt = valid & ~is_call
+        p_call = stats["p_call"].float()
+        gt_loss = stats["nll"].float()
+        if strategy == "none" or not renormalize:  # plain CE over the full vocabulary: -log p(y)
+            gt_loss = gt_loss - torch.log1p(-p_call.clamp(max=1 - 1e-7))
+        call_loss = -torch.log(p_call.clamp(min=1e-30))
+        return torch.stack([
+            loss.detach().float(),
+            torch.where(gt, gt_loss, 0).sum(), gt.sum().float(),
+            torch.where(is_call, call_loss, 0).sum(), is_call.sum().float(),
+            valid.sum().float(),
+        ])
+
+
+def step_rows(pending: list[StepStats], last_step: int, grad_accum: int, d: Dist,
+              precision: str) -> list[dict[str, Any]]:
+    """metrics.jsonl rows of the steps in ``pending`` (the last is ``last_step``): one device
+    read for the interval."""
+    import torch.distributed as dist
+
+    sums = torch.stack([p.sums for p in pending])  # (S, 6)
+    if d.world > 1:
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        sums[:, 0] /= d.world  # loss: mean of the ranks' means
+    values = sums.tolist()
+    norms = [p.grad_norm for p in pending]
+    on_device = [i for i, x in enumerate(norms) if isinstance(x, torch.Tensor)]
+    if on_device:
+        for i, value in zip(on_device, torch.stack([norms[i].float() for i in on_device]).tolist()):
+            norms[i] = value
+    first = last_step - len(pending) + 1
+    rows = []
+    for i, (p, v, norm) in enumerate(zip(pending, values, norms)):
+        loss, gt_sum, n_gt, call_sum, n_call, n_valid = v
+        rows.append({
+            "step": first + i,
+            "loss": loss / grad_accum,
+            "loss_gt": gt_sum / n_gt if n_gt else None,
+            "loss_call": call_sum / n_call if n_call else None,
+            "call_rate": n_call / n_valid if n_valid else 0.0,
+            "fact_fraction": p.n_facts / n_valid if n_valid else 0.0,
+            "gt_tokens": p.gt_tokens,
+            "lr": p.lr,
+            "grad_norm": norm,
+            "precision": precision,
+        })
+    return rows
+
+
+def interval_measures(tokens: int, elapsed: float, wait: float, flops_per_token: float, peak: float | None,
+                      d: Dist) -> dict[str, Any]:
+    """Throughput, MFU, data-wait share and peak memory of one logging interval (``tokens``
+    trained in ``elapsed`` seconds, ``wait`` of them waiting for data), for its last row."""
+    tokens_per_s = tokens / max(elapsed, 1e-9)
+    return {"tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak, d.world),
+            "data_wait": wait / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_bytes(d.device) / 2**30}
+
+
+def profiler(first_step: int, out: Path, d: Dist):
+    """A torch profiler whose trace is written to OUT/profile when its window ends."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if d.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    trace_dir = out / "profile"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_ready(prof) -> None:
+        prof.export_chrome_trace(str(trace_dir / f"trace_rank{d.rank}_step{first_step}.json"))
+
+    return torch.profiler.profile(activities=activities, record_shapes=True, with_stack=False,
+                                  on_trace_ready=on_ready)
 
 
 class MetricsWriter:
