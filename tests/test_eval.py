@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lacy_fast import cli
 from lacy_fast.cascade import ArgmaxRule, Cascade, ThresholdRule, load_big, load_model
-from lacy_fast.cascade.slm import ExportedModel, context_ids
+from lacy_fast.cascade.slm import context_ids
 from lacy_fast.config import CascadeConfig, EvalConfig
 from lacy_fast.data import synth
 from lacy_fast.errors import UserError
