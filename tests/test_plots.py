@@ -1,6 +1,5 @@
 import json
 
-
 from lacy_fast import cli
 from lacy_fast.eval.plots import read_metrics, smooth
 
