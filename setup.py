@@ -111,7 +111,9 @@ setup(
         # kept for `pip install lacy-fast[hf]` commands that name it; transformers is required now
         "hf": [],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12"],
+        # pytest 8: pytest-xdist (3.8) marks a test's group on an attribute that pytest 9 no longer
+        # reads, so under pytest 9 `--dist loadgroup` splits groups and builds their fixtures twice.
+        "dev": ["pytest>=8,<9", "pytest-xdist>=3.6", "filelock>=3.12"],
     },
     entry_points={"console_scripts": ["lacy-fast = lacy_fast.cli:main"]},
 )

@@ -40,18 +40,22 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_itemcollected(item):
+    """A test that uses a module-scoped fixture runs in the worker that holds it
+    (``--dist loadgroup``), so the fixture is built once; the others go wherever a worker is
+    free. (Marked here, as each test is collected, before pytest-xdist reads the groups.)"""
+    defs = item._fixtureinfo.name2fixturedefs.values()
+    if any(d[-1].scope == "module" for d in defs):
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords:
             item.add_marker(skip)
-        # A test that uses a module-scoped fixture runs in the worker that holds it
-        # (``--dist loadgroup``), so the fixture is built once; the others go wherever a
-        # worker is free.
-        defs = item._fixtureinfo.name2fixturedefs.values()
-        if any(d[-1].scope == "module" for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
