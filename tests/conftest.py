@@ -49,13 +49,21 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
+def _group(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark else item.nodeid
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    # Long work first: pytest-xdist hands out tests (a group at a time) in this order, so a
+    # group that holds a slow test starts at once instead of ending the run alone.
+    slow = {_group(item) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: _group(item) not in slow)
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:

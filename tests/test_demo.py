@@ -28,6 +28,7 @@ def demo(tmp_path_factory):
     return out, run_demo(out, SMOKE, strategies=ROWS, seeds=2, quiet=True)
 
 
+@pytest.mark.slow
 def test_results_keep_the_contract(demo):
     out, rows = demo
     saved = json.loads((out / "results.json").read_text())
@@ -101,6 +102,7 @@ def test_report_and_plots_are_written(demo):
     assert "lacy cascade" in table and "FactScore" in table and "±" in table
 
 
+@pytest.mark.slow
 def test_rerun_reuses_and_fresh_rerun_reproduces(demo, tmp_path):
     out, rows = demo
     again = run_demo(out, SMOKE, strategies=ROWS, seeds=2, quiet=True)  # every stage is there: nothing retrains

@@ -53,6 +53,7 @@ def test_start_up_lines_come_before_the_work(data, tmp_path):
                                                  "train: starting DeepSpeed"]
 
 
+@pytest.mark.slow
 def test_init_from_takes_the_weights_and_a_fresh_optimizer(data, tmp_path):
     first = tmp_path / "first"
     train(first, data, "train.max_steps=4")
