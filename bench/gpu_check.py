@@ -134,7 +134,8 @@ def unpack(wheels: list[Path], site: Path) -> list[dict]:
 def stage_tests(args) -> int:
     import pytest
 
-    return int(pytest.main(["-m", "gpu", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+    # In this process, without the suite's addopts (pytest-xdist may be absent on a GPU machine).
+    return int(pytest.main(["-o", "addopts=", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
                             str(ROOT / "tests" / "test_lacy_ce.py")]))
 
 

@@ -77,22 +77,21 @@ def test_init_from_takes_the_weights_and_a_fresh_optimizer(data, tmp_path):
 
 
 def test_resume_refusal_names_the_data_paths(data, tmp_path):
+    mine = tmp_path / "data"  # changed below: a copy, never the shared corpus
+    shutil.copytree(data, mine)
     other = tmp_path / "other-data"
     shutil.copytree(data, other)
     stats = json.loads((other / "stats.json").read_text())
     (other / "stats.json").write_text(json.dumps({**stats, "documents": stats["documents"] - 1}))
     out = tmp_path / "run"
-    train(out, data, "train.max_steps=2")
+    train(out, mine, "train.max_steps=2")
     proc = train(out, other, "train.max_steps=4", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert f"trained on data.path={data}, but this run has data.path={other}" in proc.stderr
+    assert f"trained on data.path={mine}, but this run has data.path={other}" in proc.stderr
     assert "6a5c" not in proc.stderr and "digest" not in proc.stderr
-    (data / "stats.json").write_text(json.dumps({**stats, "documents": stats["documents"] - 1}))
-    try:
-        proc = train(out, data, "train.max_steps=4", check=False)
-        assert f"trained on data.path={data}, but {data} now holds other content" in proc.stderr
-    finally:
-        (data / "stats.json").write_text(json.dumps(stats))
+    (mine / "stats.json").write_text(json.dumps({**stats, "documents": stats["documents"] - 1}))
+    proc = train(out, mine, "train.max_steps=4", check=False)
+    assert f"trained on data.path={mine}, but {mine} now holds other content" in proc.stderr
 
 
 def test_wandb_is_opt_in_and_logs_every_row(data, tmp_path, monkeypatch):
