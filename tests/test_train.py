@@ -570,3 +570,13 @@ def test_importing_the_loop_changes_no_environment():
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_no_warmup_starts_at_the_full_rate(data, tmp_path):
+    """train.warmup_steps=0: DeepSpeed's schedule needs one warm-up step, which then runs at
+    the full rate, so the first step's lr is train.lr."""
+    out = tmp_path / "run"
+    train(out, data, "train.max_steps=3", "train.warmup_steps=0", "train.log_every=1")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["lr"] == pytest.approx(3e-3)

@@ -43,7 +43,9 @@ def deepspeed_config(cfg: RunConfig, *, world_size: int, precision: str) -> dict
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(decay_steps, t.warmup_steps + 1),
-                "warmup_num_steps": t.warmup_steps,
+                # DeepSpeed wants at least one warm-up step; with warmup_steps=0 that step
+                # starts at the full rate (warmup_min_ratio 1), so there is no warm-up.
+                "warmup_num_steps": max(1, t.warmup_steps),
                 "warmup_type": "linear",
                 "warmup_min_ratio": 1.0 / (t.warmup_steps + 1),
                 "cos_min_ratio": t.min_lr_ratio,
