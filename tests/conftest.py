@@ -29,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
-from helpers import prepared, train_small  # noqa: E402
+from helpers import prepared, train, train_small  # noqa: E402
 
 # Each worker holds torch, DeepSpeed and spaCy (~1 GB) and some tests launch two ranks: more
 # workers than this buys little on a laptop and risks memory on a large machine.
@@ -104,3 +104,11 @@ def nlp():
     from lacy_fast.data.labeling import load_spacy
 
     return load_spacy(full=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data) -> Path:
+    """A finished `lacy-fast train` run on ``data``: 2 steps at the helpers' SMALL size, a
+    checkpoint after each (two kept). Tests copy it before they rerun or damage it."""
+    return built_once(tmp_path_factory, "trained-run", lambda root: train(
+        root / "run", data, "train.max_steps=2", "train.ckpt_every=1", "train.keep_last=2")) / "run"

@@ -2,6 +2,7 @@
 equal-budget stopping rule, signals, refusals and bad configs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,9 +69,9 @@ def test_loss_gt_is_the_trained_loss_under_both_objectives(data, tmp_path):
     assert first["false"]["loss_call"] == pytest.approx(first["true"]["loss_call"], rel=1e-6)
 
 
-def test_rerun_when_done_trains_nothing(data, tmp_path):
+def test_rerun_when_done_trains_nothing(data, trained_run, tmp_path):
     out = tmp_path / "run"
-    train(out, data, "train.max_steps=2")
+    shutil.copytree(trained_run, out)  # trained to step 2
     proc = train(out, data, "train.max_steps=2")
     assert "already trained to step 2" in proc.stderr
     assert len(metrics(out)) == 2
@@ -144,9 +145,9 @@ def test_sigterm_checkpoints_and_exits_cleanly(data, tmp_path):
     assert metrics(out)[-1]["step"] == step + 2
 
 
-def test_checkpoint_of_another_model_is_refused(data, tmp_path):
+def test_checkpoint_of_another_model_is_refused(data, trained_run, tmp_path):
     out = tmp_path / "run"
-    train(out, data, "train.max_steps=2")
+    shutil.copytree(trained_run, out)  # trained to step 2
     proc = train(out, data, "train.max_steps=4", "model.d_model=32", check=False)
     assert proc.returncode == 2
     assert "checkpoint trained with model.d_model=64, but this run has model.d_model=32" in proc.stderr
@@ -439,11 +440,11 @@ def test_a_diverging_run_stops_and_keeps_the_last_finite_model(data, tmp_path):
         load_export(tmp_path / "nan-export")
 
 
-def test_resuming_under_other_settings_is_refused_with_the_key(data, tmp_path, monkeypatch):
+def test_resuming_under_other_settings_is_refused_with_the_key(data, trained_run, tmp_path, monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     out = tmp_path / "run"
-    train(out, data, "train.max_steps=2")
+    shutil.copytree(trained_run, out)  # trained to step 2
     proc = train(out, data, "train.max_steps=4", "objective.strategy=none", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "trained with objective.strategy='lacy', but this run has objective.strategy='none'" in proc.stderr
